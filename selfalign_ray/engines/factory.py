@@ -1,0 +1,42 @@
+"""Build an engine from the `engine` config group (one per actor)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from selfalign_ray.engines.base import Engine
+
+
+@dataclass
+class EngineConfig:
+    """Mirrors conf/engine/*.yaml. Fields that one engine does not use are ignored by it."""
+
+    kind: str = "hf"
+    # Actors in the map_batches pool and rows per batch handed to one actor call.
+    num_actors: int = 1
+    batch_size: int = 16
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    # "auto": bfloat16 on GPU, float32 on CPU.
+    dtype: str = "auto"
+    # Prompt + completion budget in tokens; longer prompts fail per row with a counted error.
+    max_model_len: int = 2048
+    tensor_parallel_size: int = 1
+    # vLLM only.
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = False
+    cpu_kvcache_space_gb: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_engine(model_path: str, cfg: EngineConfig) -> Engine:
+    if cfg.kind == "hf":
+        from selfalign_ray.engines.hf import HFEngine
+
+        return HFEngine(model_path, cfg)
+    if cfg.kind == "vllm":
+        from selfalign_ray.engines.vllm import VLLMEngine
+
+        return VLLMEngine(model_path, cfg)
+    raise ValueError(f"engine.kind={cfg.kind!r} is not one of: hf, vllm")
