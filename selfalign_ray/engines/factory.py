@@ -27,6 +27,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = False
     cpu_kvcache_space_gb: int = 4
+    # hf only: torch intra-op threads on CPU (null = num_cpus_per_actor). Ray pins actors to
+    # OMP_NUM_THREADS=1, which would leave cores idle while the driver just waits.
+    torch_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

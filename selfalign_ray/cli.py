@@ -1,0 +1,56 @@
+"""`selfalign-ray`: the Hydra entry point. Everything it does is chosen by config (see conf/).
+
+    selfalign-ray                                   # SAO on the embedded SmolLM2-135M, CPU, defaults
+    selfalign-ray mode=sao model=tiny_random dataset_size=16 train.enabled=false output_dir=/tmp/x
+    selfalign-ray -m dataset_size=16,32 iterations=1,2
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+# The package ships conf/ (a link to the repository's top-level conf/ in a source checkout).
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+log = logging.getLogger("selfalign_ray")
+
+
+def _print_summary(report: dict) -> None:
+    print(f"\n== selfalign-ray {report['mode']} done in {report['wall_s']} s; output: {report['output_dir']}")
+    for it in report["iterations"]:
+        gen = it.get("generation") or {}
+        print(f"iteration {it['iteration']}: {it['pairs_kept']} pairs kept of {it['inputs']} inputs; "
+              f"drops {json.dumps(it['drops'])}")
+        if gen:
+            print(f"  generation: {gen.get('wall_s')} s, {gen.get('pairs_per_min')} pairs/min, "
+                  f"{gen.get('output_tokens_per_s')} output tokens/s")
+        print(f"  shards:   {it['shards']}\n  manifest: {it['manifest']}")
+        if "train" in it:
+            t = it["train"]
+            print(f"  model:    {it['model']}")
+            print(f"  training: {json.dumps(t)}")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _main(cfg: DictConfig) -> None:
+    from selfalign_ray.loop import run
+
+    report = run(cfg)
+    _print_summary(report)
+
+
+def main() -> None:
+    # Hydra resolves relative output dirs against the launch directory (hydra.job.chdir=false).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

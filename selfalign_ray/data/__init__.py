@@ -1,0 +1,1 @@
+"""Inputs (personas, seeds, corpora) and outputs (preference shards, rejects, manifests)."""

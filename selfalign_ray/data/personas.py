@@ -1,0 +1,106 @@
+"""Personas for SAO: the builtin set, a local file, or a Hugging Face dataset; seeded sampling.
+
+Output of `load_personas`: a list of `Persona(id, text)` (deduplicated) and a `ReadReport` of the
+records that were skipped. `sample_personas` picks `dataset_size` of them for an iteration.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfalign_ray.data.inputs import (
+    InputFileError,
+    ReadReport,
+    RecordError,
+    handle_error,
+    iter_records,
+    require_text,
+)
+
+BUILTIN_PERSONAS = Path(__file__).resolve().parent.parent / "builtin" / "personas.jsonl"
+
+
+@dataclass(frozen=True)
+class Persona:
+    id: str
+    text: str
+
+
+@dataclass
+class PersonaConfig:
+    """Mirrors conf/personas/default.yaml."""
+
+    path: str | None = None        # local .jsonl/.json/.parquet/.txt; null = builtin set
+    hf_dataset: str | None = None  # e.g. proj-persona/PersonaHub (needs hub access)
+    hf_subset: str | None = "persona"
+    hf_split: str = "train"
+    field: str = "persona"         # the text field of each record
+    id_field: str | None = "id"    # optional id field; line number otherwise
+    on_error: str = "skip"         # skip (count and report) | raise
+    max_chars: int = 4000
+
+
+def _from_file(path: Path, cfg: PersonaConfig, report: ReadReport) -> list[Persona]:
+    out: list[Persona] = []
+    for lineno, record in iter_records(path, cfg.field):
+        if isinstance(record, RecordError):
+            handle_error(record, report, cfg.on_error)
+            continue
+        text = require_text(record, cfg.field, path, lineno, cfg.max_chars)
+        if isinstance(text, RecordError):
+            handle_error(text, report, cfg.on_error)
+            continue
+        pid = record.get(cfg.id_field) if cfg.id_field and isinstance(record, dict) else None
+        out.append(Persona(id=str(pid) if pid not in (None, "") else f"{path.name}:{lineno}", text=text))
+    return out
+
+
+def _from_hub(cfg: PersonaConfig) -> list[Persona]:
+    import datasets
+
+    ds = datasets.load_dataset(cfg.hf_dataset, cfg.hf_subset, split=cfg.hf_split)
+    if cfg.field not in ds.column_names:
+        raise InputFileError(f"{cfg.hf_dataset}: no column {cfg.field!r} (columns: {ds.column_names})")
+    return [Persona(id=f"{cfg.hf_dataset}:{i}", text=t.strip()) for i, t in enumerate(ds[cfg.field])
+            if isinstance(t, str) and t.strip()]
+
+
+def load_personas(cfg: PersonaConfig) -> tuple[list[Persona], ReadReport]:
+    if cfg.on_error not in ("skip", "raise"):
+        raise ValueError(f"personas.on_error={cfg.on_error!r} must be 'skip' or 'raise'")
+    report = ReadReport()
+    if cfg.hf_dataset:
+        items = _from_hub(cfg)
+        origin = cfg.hf_dataset
+    else:
+        path = Path(cfg.path).expanduser() if cfg.path else BUILTIN_PERSONAS
+        items = _from_file(path, cfg, report)
+        origin = str(path)
+    seen: set[str] = set()
+    unique = []
+    for p in items:
+        key = " ".join(p.text.lower().split())
+        if key in seen:
+            handle_error(RecordError(origin, 0, "duplicate", f"persona {p.id} repeats an earlier persona"),
+                         report, cfg.on_error)
+            continue
+        seen.add(key)
+        unique.append(p)
+    if not unique:
+        raise InputFileError(f"{origin}: no usable personas ({report.to_json()['by_reason'] or 'file is empty'})")
+    return unique, report
+
+
+def sample_personas(pool: list[Persona], dataset_size: int, seed: int, iteration: int) -> list[Persona]:
+    """`dataset_size` personas for iteration k (1-based): consecutive slices of one seeded shuffle,
+    so iterations see different personas until the pool is used up, then wrap around."""
+    if dataset_size <= 0:
+        raise ValueError(f"dataset_size must be positive, got {dataset_size}")
+    if dataset_size > len(pool):
+        raise ValueError(f"dataset_size={dataset_size} is larger than the persona pool ({len(pool)} personas)")
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    start = (iteration - 1) * dataset_size
+    return [pool[order[(start + i) % len(pool)]] for i in range(dataset_size)]

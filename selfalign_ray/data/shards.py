@@ -1,0 +1,227 @@
+"""Atomic, resumable storage of one iteration's output: pair shards, reject files, manifest.
+
+Layout of `DIR/iter_<k>/`:
+    shards/part-00003.parquet    pairs of chunk 3 (PAIR_SCHEMA)
+    rejects/part-00003.parquet   every input of chunk 3 that did not become a pair (REJECT_SCHEMA)
+    chunks/part-00003.json       commit marker: counts, file sizes and sha256 of both files
+    run.json                     the settings that decide which rows exist (checked on resume)
+    manifest.json                totals over committed chunks (rewritten after every commit)
+
+A chunk is committed once its marker exists; the marker is written last. Files of a chunk without
+marker (a run killed mid-commit) are overwritten when the chunk is regenerated, so a resumed run
+never duplicates or loses rows. Readers (training) take the file list from the manifest, never
+from a directory listing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selfalign_ray.data.schema import PAIR_SCHEMA, REJECT_SCHEMA, prompt_id
+
+log = logging.getLogger(__name__)
+
+
+class ResumeMismatchError(RuntimeError):
+    pass
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        # On ENOSPC or any other failure no half-written file is left under a visible name.
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ChunkStats:
+    """Counts of one chunk; summed into the manifest."""
+
+    inputs: int = 0
+    pairs: int = 0
+    drops: Counter = field(default_factory=Counter)
+    # {stage: {"prompt": n, "output": n}}
+    tokens: dict[str, dict[str, int]] = field(default_factory=dict)
+    prompts_produced: int = 0
+    duplicate_prompts: int = 0
+    judged_pairs: int = 0
+    judge_orders_agree: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "inputs": self.inputs, "pairs": self.pairs, "drops": dict(self.drops), "tokens": self.tokens,
+            "prompts_produced": self.prompts_produced, "duplicate_prompts": self.duplicate_prompts,
+            "judged_pairs": self.judged_pairs, "judge_orders_agree": self.judge_orders_agree,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ChunkStats":
+        return cls(inputs=d["inputs"], pairs=d["pairs"], drops=Counter(d["drops"]), tokens=d["tokens"],
+                   prompts_produced=d["prompts_produced"], duplicate_prompts=d["duplicate_prompts"],
+                   judged_pairs=d["judged_pairs"], judge_orders_agree=d["judge_orders_agree"])
+
+    def add(self, other: "ChunkStats") -> None:
+        self.inputs += other.inputs
+        self.pairs += other.pairs
+        self.drops.update(other.drops)
+        for stage, counts in other.tokens.items():
+            mine = self.tokens.setdefault(stage, {"prompt": 0, "output": 0})
+            for k, v in counts.items():
+                mine[k] = mine.get(k, 0) + v
+        self.prompts_produced += other.prompts_produced
+        self.duplicate_prompts += other.duplicate_prompts
+        self.judged_pairs += other.judged_pairs
+        self.judge_orders_agree += other.judge_orders_agree
+
+
+class IterationStore:
+    """Shards, rejects, chunk markers and the manifest of one iteration directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.shards_dir = self.root / "shards"
+        self.rejects_dir = self.root / "rejects"
+        self.chunks_dir = self.root / "chunks"
+        for d in (self.shards_dir, self.rejects_dir, self.chunks_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------- settings
+    def bind_settings(self, settings: dict) -> None:
+        """Record the settings that determine the rows; refuse to resume under different ones."""
+        path = self.root / "run.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != json.loads(json.dumps(settings, default=str)):
+                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                raise ResumeMismatchError(
+                    f"{self.root} already holds a run with different settings ({', '.join(diff)}); "
+                    f"resume it with the same settings or choose another output_dir."
+                )
+        else:
+            atomic_write_json(path, settings)
+
+    # --------------------------------------------------------------- chunks
+    @staticmethod
+    def part_name(chunk_id: int) -> str:
+        return f"part-{chunk_id:05d}"
+
+    def _verify(self, marker: dict) -> str | None:
+        for key, folder in (("shard", self.shards_dir), ("rejects", self.rejects_dir)):
+            info = marker[key]
+            path = folder / info["file"]
+            if not path.exists():
+                return f"{path} is missing"
+            if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+                return f"{path} does not match its checksum (truncated or corrupted)"
+        return None
+
+    def committed(self) -> dict[int, dict]:
+        """Markers of committed chunks whose files verify. A chunk that fails verification is
+        logged by name and left to be regenerated (its marker is removed)."""
+        out = {}
+        for marker_path in sorted(self.chunks_dir.glob("part-*.json")):
+            marker = json.loads(marker_path.read_text())
+            problem = self._verify(marker)
+            if problem:
+                log.warning("chunk %s will be regenerated: %s", marker_path.name, problem)
+                marker_path.unlink()
+                continue
+            out[marker["chunk_id"]] = marker
+        return out
+
+    def seen_prompt_ids(self, markers: dict[int, dict]) -> set[str]:
+        """Prompt ids already produced by committed chunks (pairs and rejected prompts)."""
+        seen: set[str] = set()
+        for chunk_id in markers:
+            name = self.part_name(chunk_id) + ".parquet"
+            seen.update(pq.read_table(self.shards_dir / name, columns=["prompt_id"]).column(0).to_pylist())
+            for p in pq.read_table(self.rejects_dir / name, columns=["prompt"]).column(0).to_pylist():
+                if p:
+                    seen.add(prompt_id(p))
+        return seen
+
+    def commit_chunk(self, chunk_id: int, pairs: pa.Table, rejects: pa.Table, stats: ChunkStats) -> dict:
+        pairs = pairs.cast(PAIR_SCHEMA)
+        rejects = rejects.cast(REJECT_SCHEMA)
+        if pairs.num_rows + rejects.num_rows != stats.inputs:
+            raise AssertionError(
+                f"chunk {chunk_id}: {pairs.num_rows} pairs + {rejects.num_rows} rejects != {stats.inputs} inputs"
+            )
+        name = self.part_name(chunk_id)
+        marker: dict[str, Any] = {"chunk_id": chunk_id, "stats": stats.to_json()}
+        for key, folder, table in (("rejects", self.rejects_dir, rejects), ("shard", self.shards_dir, pairs)):
+            data = _table_bytes(table)
+            atomic_write_bytes(folder / f"{name}.parquet", data)
+            marker[key] = {"file": f"{name}.parquet", "rows": table.num_rows, "bytes": len(data),
+                           "sha256": hashlib.sha256(data).hexdigest()}
+        atomic_write_json(self.chunks_dir / f"{name}.json", marker)
+        return marker
+
+    # ------------------------------------------------------------- manifest
+    def totals(self, markers: dict[int, dict]) -> ChunkStats:
+        total = ChunkStats()
+        for chunk_id in sorted(markers):
+            total.add(ChunkStats.from_json(markers[chunk_id]["stats"]))
+        return total
+
+    def shard_files(self, markers: dict[int, dict]) -> list[str]:
+        return [str(self.shards_dir / markers[c]["shard"]["file"]) for c in sorted(markers)
+                if markers[c]["shard"]["rows"] > 0]
+
+    def write_manifest(self, markers: dict[int, dict], extra: dict) -> dict:
+        total = self.totals(markers)
+        judged = total.judged_pairs
+        manifest = {
+            **extra,
+            "inputs": total.inputs,
+            "prompts_kept": total.prompts_produced - total.duplicate_prompts,
+            "pairs_kept": total.pairs,
+            "drops": dict(sorted(total.drops.items())),
+            "tokens": total.tokens,
+            "prompt_repetition_rate": (total.duplicate_prompts / total.prompts_produced) if total.prompts_produced else None,
+            "judge_position_agreement": (total.judge_orders_agree / judged) if judged else None,
+            "judged_pairs": judged,
+            "yield": (total.pairs / total.inputs) if total.inputs else None,
+            "chunks": len(markers),
+            "shards": [{"file": str(self.shards_dir / markers[c]["shard"]["file"]), "rows": markers[c]["shard"]["rows"],
+                        "sha256": markers[c]["shard"]["sha256"]} for c in sorted(markers)],
+            "rejects": [{"file": str(self.rejects_dir / markers[c]["rejects"]["file"]), "rows": markers[c]["rejects"]["rows"],
+                         "sha256": markers[c]["rejects"]["sha256"]} for c in sorted(markers)],
+        }
+        atomic_write_json(self.root / "manifest.json", manifest)
+        return manifest

@@ -1,0 +1,208 @@
+"""The `hf` engine: transformers `generate` and forward passes, on CPU (here, CI) or GPU.
+
+Sampling is seeded per request, not per batch: a logits processor draws each row's next token with
+that row's own `torch.Generator` and hands `generate` a one-hot distribution, so a row's completion
+does not depend on which other rows share its batch. That is what lets a resumed run regenerate a
+lost shard and get the same prompts back.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from selfalign_ray.engines.base import (
+    Chat,
+    ChoiceScores,
+    Completion,
+    GenerationResult,
+    SamplingSpec,
+    request_seed,
+)
+from selfalign_ray.engines.factory import EngineConfig
+from selfalign_ray.engines.templating import choice_token_ids, encode, render_prompt
+
+
+class _PerRowSampler:
+    """LogitsProcessor: temperature + top-p, then one draw per row from that row's generator."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
+        self.generators = generators
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float()
+        if self.temperature == 0:
+            chosen = scores.argmax(dim=-1)
+        else:
+            probs = torch.softmax(scores / self.temperature, dim=-1)
+            if self.top_p < 1.0:
+                sorted_probs, order = probs.sort(dim=-1, descending=True)
+                # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
+                outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
+                sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+            chosen = torch.stack([
+                torch.multinomial(probs[i].cpu(), 1, generator=g)[0]
+                for i, g in enumerate(self.generators)
+            ]).to(scores.device)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(-1, chosen.unsqueeze(-1), 0.0)
+        return out
+
+
+class HFEngine:
+    def __init__(self, model_path: str, cfg: EngineConfig):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_path = model_path
+        self.cfg = cfg
+        self.device = torch.device("cuda" if cfg.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
+        threads = cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor))
+        if self.device.type == "cpu":
+            # Ray sets OMP_NUM_THREADS=1 in actors; use the CPUs this actor was budgeted.
+            torch.set_num_threads(int(threads))
+        dtype = cfg.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval()
+        self.eos_ids = self._eos_ids()
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    # ----------------------------------------------------------------- helpers
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _too_long(self, n_tokens: int, reserve: int) -> str | None:
+        limit = self.cfg.max_model_len - reserve
+        if n_tokens > limit:
+            return f"prompt_too_long: {n_tokens} tokens > limit {limit} (engine.max_model_len={self.cfg.max_model_len})"
+        return None
+
+    # --------------------------------------------------------------- generate
+    @torch.inference_mode()
+    def generate(self, chats: Sequence[Chat], spec: SamplingSpec,
+                 seeds: Sequence[int] | None = None) -> list[GenerationResult]:
+        from transformers import LogitsProcessorList
+
+        prompts = [encode(self.tokenizer, render_prompt(self.tokenizer, c)) for c in chats]
+        results = [GenerationResult(prompt_tokens=len(p)) for p in prompts]
+        max_new = min(spec.max_tokens, self.cfg.max_model_len)
+        rows, owners, generators = [], [], []
+        for i, p in enumerate(prompts):
+            err = self._too_long(len(p), reserve=1)
+            if err:
+                results[i].error = err
+                continue
+            base = seeds[i] if seeds is not None else (spec.seed if spec.seed is not None else 0)
+            for j in range(spec.n):
+                g = torch.Generator().manual_seed(request_seed(base, j))
+                rows.append(p)
+                owners.append(i)
+                generators.append(g)
+        if not rows:
+            return results
+        ids, mask = self._left_pad(rows)
+        kwargs = dict(
+            max_new_tokens=max_new,
+            do_sample=False,  # sampling happens in _PerRowSampler; greedy then picks its token
+            temperature=None, top_p=None, top_k=None,
+            logits_processor=LogitsProcessorList([_PerRowSampler(generators, spec.temperature, spec.top_p)]),
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_ids,
+        )
+        if spec.ignore_eos:
+            kwargs["min_new_tokens"] = max_new
+        if spec.stop:
+            kwargs["stop_strings"] = list(spec.stop)
+            kwargs["tokenizer"] = self.tokenizer
+        out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        new = out[:, ids.shape[1]:].tolist()
+        for owner, toks in zip(owners, new):
+            results[owner].completions.append(self._completion(toks, spec, max_new))
+        return results
+
+    def _completion(self, toks: list[int], spec: SamplingSpec, max_new: int) -> Completion:
+        pad = self.tokenizer.pad_token_id
+        kept, finish = [], "length"
+        for t in toks:
+            if t in self.eos_ids and not spec.ignore_eos:
+                kept.append(t)
+                finish = "stop"
+                break
+            kept.append(t)
+        # generate pads rows that finished early; pad may equal eos, handled above.
+        while kept and finish == "length" and len(kept) > 0 and kept[-1] == pad and pad not in self.eos_ids:
+            kept.pop()
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        for s in spec.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                # Like vLLM: the stop string ends the completion and is not part of its text.
+                text, finish = text[:cut], "stop"
+        return Completion(text=text, num_tokens=len(kept), finish_reason=finish)
+
+    # ------------------------------------------------------------------ score
+    @torch.inference_mode()
+    def score_choices(self, chats: Sequence[Chat], choices: Sequence[str],
+                      answer_prefix: str = "") -> list[ChoiceScores]:
+        results: list[ChoiceScores] = []
+        single_rows, single_meta, multi = [], [], []
+        for i, chat in enumerate(chats):
+            context = render_prompt(self.tokenizer, chat) + answer_prefix
+            ctx_ids, choice_ids = choice_token_ids(self.tokenizer, context, choices)
+            res = ChoiceScores(prompt_tokens=len(ctx_ids))
+            results.append(res)
+            longest = max(len(c) for c in choice_ids)
+            res.error = self._too_long(len(ctx_ids), reserve=longest)
+            if res.error:
+                continue
+            if longest == 1:
+                single_rows.append(ctx_ids)
+                single_meta.append((i, [c[0] for c in choice_ids]))
+            else:
+                multi.append((i, ctx_ids, choice_ids))
+        bs = max(1, self.cfg.batch_size)
+        for start in range(0, len(single_rows), bs):
+            # One forward pass per prompt: all single-token choices read off the last position.
+            ids, mask = self._left_pad(single_rows[start:start + bs])
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1, :].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            for row, (i, toks) in enumerate(single_meta[start:start + bs]):
+                results[i].logprobs = {c: float(logp[row, t]) for c, t in zip(choices, toks)}
+        for i, ctx_ids, choice_ids in multi:
+            seqs = [ctx_ids + c for c in choice_ids]
+            ids, mask = self._left_pad(seqs)
+            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            width = ids.shape[1]
+            scores = {}
+            for row, (choice, toks) in enumerate(zip(choices, choice_ids)):
+                start_pos = width - len(toks)  # left padding: the choice tokens end the row
+                scores[choice] = float(sum(logp[row, start_pos + k - 1, t] for k, t in enumerate(toks)))
+            results[i].logprobs = scores
+        return results
+
+    def close(self) -> None:
+        del self.model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,87 @@
+"""Engine actor pools: a `map_batches` callable class that holds one engine and runs stages.
+
+One pool per model: SAO runs instruct -> respond -> judge in one pool (one model copy per actor);
+SynPO chains pools of different models (generator, policy, improver, base). Stages run in order on
+each batch inside the actor, so a batch is handed between stages without leaving the actor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import ray.data
+
+from selfalign_ray.engines.factory import EngineConfig, make_engine
+from selfalign_ray.generation.rows import with_status_columns
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PoolSpec:
+    """One actor pool: which model, which engine settings, which stages."""
+
+    name: str
+    model_path: str
+    engine: EngineConfig
+    stages: list[Any] = field(default_factory=list)
+
+
+class StageRunner:
+    """Ray Data actor: builds its engine once, then applies the pool's stages to every batch."""
+
+    def __init__(self, model_path: str, engine_cfg: dict, stages: list):
+        import os
+
+        # vLLM must not fork inside a Ray actor; harmless for the hf engine.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        self.engine = make_engine(model_path, EngineConfig(**engine_cfg))
+        self.stages = stages
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch = with_status_columns(batch.reset_index(drop=True))
+        for stage in self.stages:
+            batch = stage(batch, self.engine)
+        return batch
+
+
+def _placement_args(tp: int, gpus_per_worker: float):
+    """A placement group of `tp` GPU bundles per actor, created when the actor is scheduled.
+
+    The actor itself holds no GPU; vLLM's Ray executor places its TP workers into the captured group.
+    """
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    def make() -> dict:
+        pg = placement_group([{"GPU": gpus_per_worker, "CPU": 1}] * tp, strategy="STRICT_PACK")
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            pg, placement_group_capture_child_tasks=True)}
+
+    return make
+
+
+def apply_pool(ds, spec: PoolSpec):
+    """`ds.map_batches` with the pool's actors, resources and batch size from `spec.engine`."""
+    e = spec.engine
+    kwargs: dict[str, Any] = dict(
+        fn_constructor_kwargs={"model_path": spec.model_path, "engine_cfg": dataclasses.asdict(e),
+                               "stages": spec.stages},
+        batch_size=e.batch_size,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=e.num_actors),
+        num_cpus=e.num_cpus_per_actor,
+        # Each actor restarts after a crash and its batch is retried: rows are not lost.
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+    if e.tensor_parallel_size > 1 and e.num_gpus_per_actor > 0:
+        kwargs["num_gpus"] = 0
+        kwargs["ray_remote_args_fn"] = _placement_args(e.tensor_parallel_size, e.num_gpus_per_actor)
+    elif e.num_gpus_per_actor > 0:
+        kwargs["num_gpus"] = e.num_gpus_per_actor
+    return ds.map_batches(StageRunner, **kwargs)

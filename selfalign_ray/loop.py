@@ -1,0 +1,99 @@
+"""The self-alignment loop: for k = 1..K, generate preference data with the current model, train.
+
+    iteration k:  model_{k-1} --generate--> DIR/iter_k/shards --SimPO--> DIR/iter_k/model = model_k
+
+Every step is resumable: generation skips committed chunks, training is skipped when
+`DIR/iter_k/train.json` records a finished run, so re-running the same command continues a killed run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from selfalign_ray.config import positive, to_dict
+from selfalign_ray.data.shards import atomic_write_json
+from selfalign_ray.models.resolve import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+GENERATORS = {}
+
+
+def _generator(mode_name: str):
+    if mode_name == "sao":
+        from selfalign_ray.sao.pipeline import generate_sao
+
+        return generate_sao
+    raise ValueError(f"mode.name={mode_name!r} is not implemented (known: sao)")
+
+
+def init_ray(cluster) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = dict(address=cluster.address, ignore_reinit_error=True, log_to_driver=True)
+    if not cluster.address:
+        # An embedded local cluster: budget CPUs explicitly (null = all cores of this machine).
+        kwargs.update(num_cpus=cluster.num_cpus, include_dashboard=cluster.include_dashboard)
+        if cluster.include_dashboard:
+            kwargs["dashboard_port"] = cluster.dashboard_port
+    ray.init(**kwargs)
+
+
+def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_dir: Path) -> dict:
+    from selfalign_ray.train import train_model
+
+    result = train_model(
+        model_path=init_model,
+        train_files=train_files,
+        output_dir=str(iter_dir / "model"),
+        cfg=cfg.train,
+        deepspeed_cfg=to_dict(cfg.deepspeed),
+        objective="simpo",
+        run_name=f"{cfg.mode.name}-iter{iteration}",
+    )
+    return {"model_dir": str(result.model_dir), "summary": result.summary, "history": result.history}
+
+
+def run(cfg) -> dict:
+    started = time.time()
+    out = Path(cfg.output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    iterations = positive(cfg.iterations, "iterations")
+    base_model = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
+    init_ray(cfg.cluster)
+    generate = _generator(cfg.mode.name)
+    current = base_model
+    report = {"output_dir": str(out), "mode": cfg.mode.name, "base_model": base_model, "iterations": []}
+    for k in range(1, iterations + 1):
+        iter_dir = out / f"iter_{k}"
+        log.info("iteration %d/%d: generating with %s", k, iterations, current)
+        manifest = generate(cfg, k, current, iter_dir)
+        entry = {"iteration": k, "generator_model": current, "manifest": str(iter_dir / "manifest.json"),
+                 "pairs_kept": manifest["pairs_kept"], "inputs": manifest["inputs"], "drops": manifest["drops"],
+                 "shards": str(iter_dir / "shards"), "generation": manifest.get("generation")}
+        if cfg.train.enabled:
+            train_record = iter_dir / "train.json"
+            if train_record.exists():
+                trained = json.loads(train_record.read_text())
+                log.info("iteration %d: training already done, model at %s", k, trained["model_dir"])
+            else:
+                files = [s["file"] for s in manifest["shards"] if s["rows"] > 0]
+                if not files:
+                    raise RuntimeError(f"iteration {k}: no preference pairs were kept (drops: {manifest['drops']}); "
+                                       "nothing to train on — see the manifest and rejects/")
+                init_model = current if cfg.mode.init_from == "previous" else base_model
+                trained = _train(cfg, k, init_model, files, iter_dir)
+                trained["init_model"] = init_model
+                atomic_write_json(train_record, trained)
+            current = trained["model_dir"]
+            entry["model"] = current
+            entry["train"] = trained["summary"]
+        report["iterations"].append(entry)
+    report["wall_s"] = round(time.time() - started, 1)
+    atomic_write_json(out / "summary.json", report)
+    return report

@@ -1,0 +1,64 @@
+"""Strict parsers for model outputs: the instruct stage's "User prompt:" and the judge's ranking.
+
+Each parser returns (value, None) or (None, reason); reasons are short stable strings that end up
+counted in the manifest and written next to the raw output in `rejects/`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from selfalign_ray.sao.templates import PROMPT_PREFIX
+
+_PREFIX_RE = re.compile(r"^\W*" + re.escape(PROMPT_PREFIX).replace(r"\ ", r"\s*") + r"\W*", re.IGNORECASE)
+_ANYWHERE_RE = re.compile(re.escape(PROMPT_PREFIX).replace(r"\ ", r"\s*"), re.IGNORECASE)
+_TEMPLATE_ECHO = "guess a prompt that the following persona"
+_RANKING_RE = re.compile(r"ranking\s*[:：]\s*\**\s*(?:response\s*)?(\d+)\s*\**\s*>\s*\**\s*(?:response\s*)?(\d+)",
+                         re.IGNORECASE)
+
+
+def strip_prompt_prefix(text: str, require_prefix: bool = True, min_chars: int = 10) -> tuple[str | None, str | None]:
+    """The user prompt written by the instruct stage, without its "User prompt:" prefix.
+
+    Accepts the prefix at the start (after quotes / markdown such as `**User prompt:**`). With
+    `require_prefix=False`, a prefix later in the text is also accepted, and text without any prefix
+    is taken whole (small models often skip it).
+    """
+    body = text.strip()
+    match = _PREFIX_RE.match(body)
+    if match:
+        body = body[match.end():]
+    elif require_prefix:
+        return None, "missing_prefix"
+    else:
+        later = _ANYWHERE_RE.search(body)
+        if later:
+            body = body[later.end():]
+    body = body.strip().strip('"“”').strip()
+    if not body:
+        return None, "empty_prompt"
+    if _TEMPLATE_ECHO in body.lower():
+        return None, "echoed_template"
+    if len(body) < min_chars:
+        return None, "too_short"
+    return body, None
+
+
+def parse_ranking(text: str) -> tuple[tuple[int, int] | None, str | None]:
+    """Parse `ranking: X > Y` with {X, Y} = {1, 2}. Never guesses.
+
+    Reasons: no_ranking (no such line), invalid_option (a number other than 1/2), repeated_option
+    (X == Y), conflicting_rankings (two different rankings in one answer).
+    """
+    found = _RANKING_RE.findall(text)
+    if not found:
+        return None, "no_ranking"
+    rankings = {(int(a), int(b)) for a, b in found}
+    if len(rankings) > 1:
+        return None, "conflicting_rankings"
+    first, second = rankings.pop()
+    if first not in (1, 2) or second not in (1, 2):
+        return None, "invalid_option"
+    if first == second:
+        return None, "repeated_option"
+    return (first, second), None

@@ -1,0 +1,62 @@
+"""One SAO generation iteration: sample personas -> one actor pool (instruct, respond, judge) -> shards."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from selfalign_ray.config import positive, typed
+from selfalign_ray.data.personas import PersonaConfig, load_personas, sample_personas
+from selfalign_ray.data.shards import IterationStore
+from selfalign_ray.engines.factory import EngineConfig
+from selfalign_ray.generation.assemble import PairAssembler
+from selfalign_ray.generation.pool import PoolSpec
+from selfalign_ray.generation.runner import assign_chunks, run_generation
+from selfalign_ray.sao.judge import JudgeConfig
+from selfalign_ray.sao.stages import InstructStage, JudgeStage, RespondStage, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+def generate_sao(cfg, iteration: int, model_path: str, iter_dir: Path) -> dict:
+    """Write `iter_dir/{shards,rejects}/` and `iter_dir/manifest.json`; return the manifest."""
+    mode = cfg.mode
+    dataset_size = positive(cfg.dataset_size, "dataset_size")
+    persona_cfg = typed(PersonaConfig, cfg.personas, "personas")
+    pool, read_report = load_personas(persona_cfg)
+    sampled = sample_personas(pool, dataset_size, cfg.seed, iteration)
+    judge_cfg = typed(JudgeConfig, cfg.judge, "judge")
+    engine_cfg = typed(EngineConfig, cfg.engine, "engine")
+    instruct = typed(SamplingConfig, mode.instruct, "mode.instruct")
+    respond = typed(SamplingConfig, mode.respond, "mode.respond")
+    if respond.n < 2:
+        raise ValueError(f"mode.respond.n must be >= 2 to form a pair, got {respond.n}")
+
+    store = IterationStore(iter_dir)
+    # Everything that decides which rows exist and what they contain; a resume must match it.
+    store.bind_settings({
+        "mode": "sao", "iteration": iteration, "model": model_path, "seed": cfg.seed,
+        "dataset_size": dataset_size, "personas": persona_cfg.__dict__, "instruct": instruct.__dict__,
+        "respond": respond.__dict__, "judge": judge_cfg.__dict__, "shard_size": mode.shard_size,
+        "require_prefix": mode.require_prefix, "min_prompt_chars": mode.min_prompt_chars,
+    })
+    inputs = assign_chunks(pd.DataFrame({
+        "source_id": [p.id for p in sampled],
+        "source": [p.text for p in sampled],
+        "iteration": iteration,
+    }), positive(mode.shard_size, "mode.shard_size"))
+    stages = [
+        InstructStage(instruct, cfg.seed, require_prefix=mode.require_prefix, min_prompt_chars=mode.min_prompt_chars),
+        RespondStage(respond, cfg.seed),
+        JudgeStage(judge_cfg, cfg.seed),
+    ]
+    pools = [PoolSpec("sao", model_path, engine_cfg, stages)]
+    assembler = PairAssembler("sao", iteration, model_path, tuple(s.name for s in stages))
+    extra = {
+        "mode": "sao", "iteration": iteration, "model": model_path, "engine": engine_cfg.kind,
+        "judge": judge_cfg.kind, "seed": cfg.seed, "dataset_size": dataset_size,
+        "persona_pool_size": len(pool), "input_errors": read_report.to_json(),
+    }
+    return run_generation(store, inputs, pools, assembler, extra)
