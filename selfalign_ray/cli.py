@@ -54,3 +54,12 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """The config `selfalign-ray <overrides>` would run with (for tests, benchmarks, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides or []))

@@ -54,6 +54,21 @@ class _PerRowSampler:
         return out
 
 
+class _StopOnGeneratedText:
+    """StoppingCriteria: a row is done once its *generated* text contains a stop string.
+
+    transformers' own `stop_strings` also matches across the prompt/completion boundary (a prompt
+    ending in a newline plus a generated newline "contains" a "\\n\\n" stop), which vLLM does not do.
+    """
+
+    def __init__(self, tokenizer, prompt_width: int, stops: tuple[str, ...]):
+        self.tokenizer, self.prompt_width, self.stops = tokenizer, prompt_width, stops
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
 class HFEngine:
     def __init__(self, model_path: str, cfg: EngineConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,6 +107,12 @@ class HFEngine:
             ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s):] = 1
         return ids.to(self.device), mask.to(self.device)
+
+    def _forward_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Left padding: positions must count real tokens only, or padded rows see shifted RoPE
+        # positions and their log-probs differ from the same prompt scored alone.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
 
     def _too_long(self, n_tokens: int, reserve: int) -> str | None:
         limit = self.cfg.max_model_len - reserve
@@ -134,8 +155,9 @@ class HFEngine:
         if spec.ignore_eos:
             kwargs["min_new_tokens"] = max_new
         if spec.stop:
-            kwargs["stop_strings"] = list(spec.stop)
-            kwargs["tokenizer"] = self.tokenizer
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnGeneratedText(self.tokenizer, ids.shape[1], spec.stop)])
         out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = out[:, ids.shape[1]:].tolist()
         for owner, toks in zip(owners, new):
@@ -170,33 +192,32 @@ class HFEngine:
         single_rows, single_meta, multi = [], [], []
         for i, chat in enumerate(chats):
             context = render_prompt(self.tokenizer, chat) + answer_prefix
-            ctx_ids, choice_ids = choice_token_ids(self.tokenizer, context, choices)
-            res = ChoiceScores(prompt_tokens=len(ctx_ids))
+            split = choice_token_ids(self.tokenizer, context, choices)
+            res = ChoiceScores(prompt_tokens=len(encode(self.tokenizer, context)))
             results.append(res)
-            longest = max(len(c) for c in choice_ids)
-            res.error = self._too_long(len(ctx_ids), reserve=longest)
+            res.error = self._too_long(max(len(c) + len(t) for c, t in split), reserve=0)
             if res.error:
                 continue
-            if longest == 1:
-                single_rows.append(ctx_ids)
-                single_meta.append((i, [c[0] for c in choice_ids]))
+            contexts = {tuple(c) for c, _ in split}
+            if len(contexts) == 1 and all(len(t) == 1 for _, t in split):
+                single_rows.append(split[0][0])
+                single_meta.append((i, [t[0] for _, t in split]))
             else:
-                multi.append((i, ctx_ids, choice_ids))
+                multi.append((i, split))
         bs = max(1, self.cfg.batch_size)
         for start in range(0, len(single_rows), bs):
             # One forward pass per prompt: all single-token choices read off the last position.
             ids, mask = self._left_pad(single_rows[start:start + bs])
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1, :].float()
+            logits = self._forward_logits(ids, mask)[:, -1, :]
             logp = torch.log_softmax(logits, dim=-1)
             for row, (i, toks) in enumerate(single_meta[start:start + bs]):
                 results[i].logprobs = {c: float(logp[row, t]) for c, t in zip(choices, toks)}
-        for i, ctx_ids, choice_ids in multi:
-            seqs = [ctx_ids + c for c in choice_ids]
-            ids, mask = self._left_pad(seqs)
-            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        for i, split in multi:
+            ids, mask = self._left_pad([c + t for c, t in split])
+            logp = torch.log_softmax(self._forward_logits(ids, mask), dim=-1)
             width = ids.shape[1]
             scores = {}
-            for row, (choice, toks) in enumerate(zip(choices, choice_ids)):
+            for row, (choice, (_, toks)) in enumerate(zip(choices, split)):
                 start_pos = width - len(toks)  # left padding: the choice tokens end the row
                 scores[choice] = float(sum(logp[row, start_pos + k - 1, t] for k, t in enumerate(toks)))
             results[i].logprobs = scores

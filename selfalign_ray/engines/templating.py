@@ -18,22 +18,22 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def choice_token_ids(tokenizer, context_text: str, choices: Sequence[str]) -> tuple[list[int], list[list[int]]]:
-    """Token ids of the context and of each choice as it continues that context.
+def choice_token_ids(tokenizer, context_text: str, choices: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """For each choice: (context ids, choice ids) such that context + choice == the joint tokenisation.
 
-    BPE may merge the last context token with the start of a choice ("...: 1" vs "...:" + " 1"), so
-    each choice is tokenised together with the context and its ids are the suffix after the context's
-    ids. If the joint tokenisation changes the context's own ids, we fall back to tokenising the choice
-    alone, which is what a sampler would emit after the context.
+    BPE may merge the end of the context with the start of a choice ("ranking: " + "1" becomes
+    "ranking:" + " 1"). Tokenising each choice jointly with its context and splitting at the longest
+    common prefix with the context alone scores exactly the tokens a sampler would emit to write
+    the choice after the context.
     """
     context_ids = encode(tokenizer, context_text)
-    per_choice = []
+    out = []
     for choice in choices:
         joint = encode(tokenizer, context_text + choice)
-        if joint[: len(context_ids)] == context_ids and len(joint) > len(context_ids):
-            per_choice.append(joint[len(context_ids):])
-        else:
-            per_choice.append(encode(tokenizer, choice))
-        if not per_choice[-1]:
-            raise ValueError(f"choice {choice!r} encodes to no tokens")
-    return context_ids, per_choice
+        common = 0
+        while common < min(len(joint), len(context_ids)) and joint[common] == context_ids[common]:
+            common += 1
+        if common == len(joint):
+            raise ValueError(f"choice {choice!r} adds no tokens after the context")
+        out.append((joint[:common], joint[common:]))
+    return out

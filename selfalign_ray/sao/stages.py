@@ -34,6 +34,10 @@ def _seeds(df: pd.DataFrame, seed: int, stage: str) -> list[int]:
     return [request_seed(seed, stage, int(it), sid) for it, sid in zip(df["iteration"], df["source_id"])]
 
 
+def _normalise(text: str) -> str:
+    return " ".join("".join(ch for ch in text.lower() if ch.isalnum() or ch.isspace()).split())
+
+
 def _count_tokens(df, idx, stage, prompt_tokens, output_tokens):
     df.loc[idx, f"tok_{stage}_prompt"] = prompt_tokens
     df.loc[idx, f"tok_{stage}_output"] = output_tokens
@@ -45,7 +49,7 @@ class InstructStage:
 
     reads: source (persona text), source_id, iteration
     adds:  prompt_text, tok_instruct_prompt, tok_instruct_output
-    drops: empty_prompt, missing_prefix, echoed_template, too_short, prompt_too_long, generation_error
+    drops: empty_prompt, missing_prefix, echoed_template, too_short, copied_persona, prompt_too_long
     """
 
     sampling: SamplingConfig
@@ -68,6 +72,8 @@ class InstructStage:
                 continue
             raw = res.completions[0].text
             prompt, reason = strip_prompt_prefix(raw, self.require_prefix, self.min_prompt_chars)
+            if not reason and _normalise(prompt).startswith(_normalise(df.at[idx, "source"])):
+                reason = "copied_persona"  # the model restated the persona instead of asking something
             if reason:
                 drop(df, idx, self.name, reason, raw=raw)
             else:
