@@ -40,6 +40,7 @@ def test_non_utf8_line_blank_lines_and_duplicates(tmp_path):
     assert sorted(e.reason for e in report.errors) == ["duplicate", "not_utf8"]
     assert report.to_json()["by_reason"] == {"not_utf8": 1, "duplicate": 1}
     assert any(":4: not_utf8" in m for m in report.to_json()["first"])
+    assert any(m.endswith(f"p.jsonl:5: duplicate: persona a repeats {path}:1") for m in report.to_json()["first"])
 
 
 def test_text_and_parquet_files(tmp_path):

@@ -7,7 +7,7 @@ records that were skipped. `sample_personas` picks `dataset_size` of them for an
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfalign_ray.data.inputs import (
@@ -26,6 +26,8 @@ BUILTIN_PERSONAS = Path(__file__).resolve().parent.parent / "builtin" / "persona
 class Persona:
     id: str
     text: str
+    # Where it was read ("file:line"), for messages; not part of identity.
+    origin: str = field(default="", compare=False)
 
 
 @dataclass
@@ -53,7 +55,8 @@ def _from_file(path: Path, cfg: PersonaConfig, report: ReadReport) -> list[Perso
             handle_error(text, report, cfg.on_error)
             continue
         pid = record.get(cfg.id_field) if cfg.id_field and isinstance(record, dict) else None
-        out.append(Persona(id=str(pid) if pid not in (None, "") else f"{path.name}:{lineno}", text=text))
+        out.append(Persona(id=str(pid) if pid not in (None, "") else f"{path.name}:{lineno}", text=text,
+                           origin=f"{path}:{lineno}"))
     return out
 
 
@@ -63,8 +66,8 @@ def _from_hub(cfg: PersonaConfig) -> list[Persona]:
     ds = datasets.load_dataset(cfg.hf_dataset, cfg.hf_subset, split=cfg.hf_split)
     if cfg.field not in ds.column_names:
         raise InputFileError(f"{cfg.hf_dataset}: no column {cfg.field!r} (columns: {ds.column_names})")
-    return [Persona(id=f"{cfg.hf_dataset}:{i}", text=t.strip()) for i, t in enumerate(ds[cfg.field])
-            if isinstance(t, str) and t.strip()]
+    return [Persona(id=f"{cfg.hf_dataset}:{i}", text=t.strip(), origin=f"{cfg.hf_dataset}:{i}")
+            for i, t in enumerate(ds[cfg.field]) if isinstance(t, str) and t.strip()]
 
 
 def load_personas(cfg: PersonaConfig) -> tuple[list[Persona], ReadReport]:
@@ -78,15 +81,16 @@ def load_personas(cfg: PersonaConfig) -> tuple[list[Persona], ReadReport]:
         path = Path(cfg.path).expanduser() if cfg.path else BUILTIN_PERSONAS
         items = _from_file(path, cfg, report)
         origin = str(path)
-    seen: set[str] = set()
+    first_seen: dict[str, Persona] = {}
     unique = []
     for p in items:
         key = " ".join(p.text.lower().split())
-        if key in seen:
-            handle_error(RecordError(origin, 0, "duplicate", f"persona {p.id} repeats an earlier persona"),
-                         report, cfg.on_error)
+        if key in first_seen:
+            file, _, line = p.origin.rpartition(":")
+            handle_error(RecordError(file or origin, int(line) if line.isdigit() else 0, "duplicate",
+                                     f"persona {p.id} repeats {first_seen[key].origin}"), report, cfg.on_error)
             continue
-        seen.add(key)
+        first_seen[key] = p
         unique.append(p)
     if not unique:
         raise InputFileError(f"{origin}: no usable personas ({report.to_json()['by_reason'] or 'file is empty'})")

@@ -203,6 +203,10 @@ class IterationStore:
         return [str(self.shards_dir / markers[c]["shard"]["file"]) for c in sorted(markers)
                 if markers[c]["shard"]["rows"] > 0]
 
+    def read_manifest(self) -> dict:
+        path = self.root / "manifest.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
     def write_manifest(self, markers: dict[int, dict], extra: dict) -> dict:
         total = self.totals(markers)
         judged = total.judged_pairs

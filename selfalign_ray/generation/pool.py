@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import pandas as pd
 import ray.data
 
 from selfalign_ray.engines.factory import EngineConfig, make_engine
+from selfalign_ray.generation.metrics import StageMetrics
 from selfalign_ray.generation.rows import with_status_columns
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,15 @@ class StageRunner:
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         self.engine = make_engine(model_path, EngineConfig(**engine_cfg))
         self.stages = stages
+        self.metrics = StageMetrics()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         batch = with_status_columns(batch.reset_index(drop=True))
         for stage in self.stages:
+            status_before = batch["status"].copy()
+            started = time.perf_counter()
             batch = stage(batch, self.engine)
+            self.metrics.record(stage.name, status_before, batch, time.perf_counter() - started)
         return batch
 
 

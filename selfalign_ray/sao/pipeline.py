@@ -46,6 +46,7 @@ def generate_sao(cfg, iteration: int, model_path: str, iter_dir: Path) -> dict:
         "source_id": [p.id for p in sampled],
         "source": [p.text for p in sampled],
         "iteration": iteration,
+        "mode": "sao",
     }), positive(mode.shard_size, "mode.shard_size"))
     stages = [
         InstructStage(instruct, cfg.seed, require_prefix=mode.require_prefix, min_prompt_chars=mode.min_prompt_chars),
