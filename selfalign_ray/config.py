@@ -20,9 +20,9 @@ class ConfigError(ValueError):
 def to_dict(node: Any) -> dict:
     if node is None:
         return {}
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-    return dict(node)
+    if not isinstance(node, DictConfig):
+        node = OmegaConf.create(dict(node))  # plain dicts may still hold DictConfig values
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
 
 
 def typed(cls: type[T], node: Any, where: str, ignore: tuple[str, ...] = ()) -> T:

@@ -1,0 +1,7 @@
+"""SimPO (and SFT) training on Ray Train with DeepSpeed ZeRO-3."""
+
+from selfalign_ray.train.config import TrainConfig
+from selfalign_ray.train.simpo import simpo_loss
+from selfalign_ray.train.trainer import TrainResult, train_model
+
+__all__ = ["TrainConfig", "TrainResult", "simpo_loss", "train_model"]
