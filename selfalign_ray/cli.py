@@ -35,7 +35,14 @@ def _print_summary(report: dict) -> None:
         if "train" in it:
             t = it["train"]
             print(f"  model:    {it['model']}")
-            print(f"  training: {json.dumps(t)}")
+            line = f"  training: {t['steps']} optimizer steps on {t['rows']} pairs in {t['wall_s']} s"
+            if t.get("mean_tokens_per_s"):
+                line += f", {t['mean_tokens_per_s']:.0f} tokens/s"
+            print(line)
+            before, after = t.get("before") or {}, t.get("after") or {}
+            if "preference_accuracy" in before and "preference_accuracy" in after:
+                print(f"  preference accuracy {before['preference_accuracy']:.3f} -> {after['preference_accuracy']:.3f}, "
+                      f"mean margin {before['mean_margin']:.4f} -> {after['mean_margin']:.4f} (training pairs)")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

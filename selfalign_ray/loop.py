@@ -19,9 +19,6 @@ from selfalign_ray.models.resolve import resolve_model_path
 
 log = logging.getLogger(__name__)
 
-GENERATORS = {}
-
-
 def _generator(mode_name: str):
     if mode_name == "sao":
         from selfalign_ray.sao.pipeline import generate_sao
@@ -89,7 +86,13 @@ def run(cfg) -> dict:
                 init_model = current if cfg.mode.init_from == "previous" else base_model
                 trained = _train(cfg, k, init_model, files, iter_dir)
                 trained["init_model"] = init_model
+                trained["train_files"] = files
                 atomic_write_json(train_record, trained)
+                # The iteration's manifest records the model it trained and how training went.
+                manifest = {**manifest, "train": {"init_model": init_model, "model_dir": trained["model_dir"],
+                                                  "pairs": trained["summary"]["rows"],
+                                                  "summary": trained["summary"]}}
+                atomic_write_json(iter_dir / "manifest.json", manifest)
             current = trained["model_dir"]
             entry["model"] = current
             entry["train"] = trained["summary"]
