@@ -15,14 +15,13 @@ import torch
 
 from selfalign_ray.engines.base import (
     Chat,
-    ChoiceScores,
     Completion,
     GenerationResult,
     SamplingSpec,
     request_seed,
 )
 from selfalign_ray.engines.factory import EngineConfig
-from selfalign_ray.engines.templating import choice_token_ids, encode, render_prompt
+from selfalign_ray.engines.templating import encode, plan_choice_scoring, render_prompt, too_long_error
 
 
 class _PerRowSampler:
@@ -114,12 +113,6 @@ class HFEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
 
-    def _too_long(self, n_tokens: int, reserve: int) -> str | None:
-        limit = self.cfg.max_model_len - reserve
-        if n_tokens > limit:
-            return f"prompt_too_long: {n_tokens} tokens > limit {limit} (engine.max_model_len={self.cfg.max_model_len})"
-        return None
-
     # --------------------------------------------------------------- generate
     @torch.inference_mode()
     def generate(self, chats: Sequence[Chat], spec: SamplingSpec,
@@ -131,7 +124,7 @@ class HFEngine:
         max_new = min(spec.max_tokens, self.cfg.max_model_len)
         rows, owners, generators = [], [], []
         for i, p in enumerate(prompts):
-            err = self._too_long(len(p), reserve=1)
+            err = too_long_error(len(p), self.cfg.max_model_len, reserve=1)
             if err:
                 results[i].error = err
                 continue
@@ -188,29 +181,16 @@ class HFEngine:
     @torch.inference_mode()
     def score_choices(self, chats: Sequence[Chat], choices: Sequence[str],
                       answer_prefix: str = "") -> list[ChoiceScores]:
-        results: list[ChoiceScores] = []
-        single_rows, single_meta, multi = [], [], []
-        for i, chat in enumerate(chats):
-            context = render_prompt(self.tokenizer, chat) + answer_prefix
-            split = choice_token_ids(self.tokenizer, context, choices)
-            res = ChoiceScores(prompt_tokens=len(encode(self.tokenizer, context)))
-            results.append(res)
-            res.error = self._too_long(max(len(c) + len(t) for c, t in split), reserve=0)
-            if res.error:
-                continue
-            contexts = {tuple(c) for c, _ in split}
-            if len(contexts) == 1 and all(len(t) == 1 for _, t in split):
-                single_rows.append(split[0][0])
-                single_meta.append((i, [t[0] for _, t in split]))
-            else:
-                multi.append((i, split))
+        results, single, multi = plan_choice_scoring(self.tokenizer, chats, choices, answer_prefix,
+                                                     self.cfg.max_model_len)
         bs = max(1, self.cfg.batch_size)
-        for start in range(0, len(single_rows), bs):
+        for start in range(0, len(single), bs):
             # One forward pass per prompt: all single-token choices read off the last position.
-            ids, mask = self._left_pad(single_rows[start:start + bs])
+            part = single[start:start + bs]
+            ids, mask = self._left_pad([ctx for _, ctx, _ in part])
             logits = self._forward_logits(ids, mask)[:, -1, :]
             logp = torch.log_softmax(logits, dim=-1)
-            for row, (i, toks) in enumerate(single_meta[start:start + bs]):
+            for row, (i, _, toks) in enumerate(part):
                 results[i].logprobs = {c: float(logp[row, t]) for c, t in zip(choices, toks)}
         for i, split in multi:
             ids, mask = self._left_pad([c + t for c, t in split])

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from selfalign_ray.engines.base import Chat, ChoiceScores, Completion, GenerationResult, SamplingSpec
 from selfalign_ray.engines.factory import EngineConfig
-from selfalign_ray.engines.templating import choice_token_ids, encode, render_prompt
+from selfalign_ray.engines.templating import encode, plan_choice_scoring, render_prompt, too_long_error
 
 
 def _on_gpu(cfg: EngineConfig) -> bool:
@@ -53,12 +53,6 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
-    def _too_long(self, n_tokens: int, reserve: int) -> str | None:
-        limit = self.cfg.max_model_len - reserve
-        if n_tokens > limit:
-            return f"prompt_too_long: {n_tokens} tokens > limit {limit} (engine.max_model_len={self.cfg.max_model_len})"
-        return None
-
     def generate(self, chats: Sequence[Chat], spec: SamplingSpec,
                  seeds: Sequence[int] | None = None) -> list[GenerationResult]:
         from vllm import SamplingParams
@@ -68,7 +62,7 @@ class VLLMEngine:
         results = [GenerationResult(prompt_tokens=len(p)) for p in prompts]
         todo, params = [], []
         for i, p in enumerate(prompts):
-            results[i].error = self._too_long(len(p), reserve=1)
+            results[i].error = too_long_error(len(p), self.cfg.max_model_len, reserve=1)
             if results[i].error:
                 continue
             seed = seeds[i] if seeds is not None else spec.seed
@@ -98,20 +92,8 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        results: list[ChoiceScores] = []
-        single, multi = [], []
-        for i, chat in enumerate(chats):
-            context = render_prompt(self.tokenizer, chat) + answer_prefix
-            split = choice_token_ids(self.tokenizer, context, choices)
-            res = ChoiceScores(prompt_tokens=len(encode(self.tokenizer, context)))
-            results.append(res)
-            res.error = self._too_long(max(len(c) + len(t) for c, t in split), reserve=1)
-            if res.error:
-                continue
-            if len({tuple(c) for c, _ in split}) == 1 and all(len(t) == 1 for _, t in split):
-                single.append((i, split[0][0], [t[0] for _, t in split]))
-            else:
-                multi.append((i, split))
+        results, single, multi = plan_choice_scoring(self.tokenizer, chats, choices, answer_prefix,
+                                                     self.cfg.max_model_len)
         if single:
             params = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=toks) for _, _, toks in single]
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=ctx) for _, ctx, _ in single], params, use_tqdm=False)

@@ -43,6 +43,21 @@ def _count_tokens(df, idx, stage, prompt_tokens, output_tokens):
     df.loc[idx, f"tok_{stage}_output"] = output_tokens
 
 
+def generate_for_live_rows(df: pd.DataFrame, engine, stage: str, chats_of, spec: SamplingSpec, seed: int):
+    """Run one generation request per live row; count its tokens; drop rows the engine could not
+    run (e.g. prompt_too_long). Yields (index, GenerationResult) for the rows that got completions."""
+    rows = df[live(df)]
+    if rows.empty:
+        return
+    results = engine.generate(chats_of(rows), spec, seeds=_seeds(rows, seed, stage))
+    for idx, res in zip(rows.index, results):
+        _count_tokens(df, idx, stage, res.prompt_tokens, res.output_tokens)
+        if res.error:
+            drop(df, idx, stage, res.error.split(":")[0], res.error)
+        else:
+            yield idx, res
+
+
 @dataclass
 class InstructStage:
     """Persona -> user prompt (Persona Hub instruction template, "User prompt:" stripped).
@@ -60,16 +75,8 @@ class InstructStage:
 
     def __call__(self, df: pd.DataFrame, engine) -> pd.DataFrame:
         ensure_columns(df, {"prompt_text": "", "tok_instruct_prompt": 0, "tok_instruct_output": 0})
-        rows = df[live(df)]
-        if rows.empty:
-            return df
-        chats = [[{"role": "user", "content": instruction_prompt(p)}] for p in rows["source"]]
-        results = engine.generate(chats, self.sampling.spec(), seeds=_seeds(rows, self.seed, self.name))
-        for idx, res in zip(rows.index, results):
-            _count_tokens(df, idx, self.name, res.prompt_tokens, res.output_tokens)
-            if res.error:
-                drop(df, idx, self.name, res.error.split(":")[0], res.error)
-                continue
+        chats_of = lambda rows: [[{"role": "user", "content": instruction_prompt(p)}] for p in rows["source"]]  # noqa: E731
+        for idx, res in generate_for_live_rows(df, engine, self.name, chats_of, self.sampling.spec(), self.seed):
             raw = res.completions[0].text
             prompt, reason = strip_prompt_prefix(raw, self.require_prefix, self.min_prompt_chars)
             if not reason and _normalise(prompt).startswith(_normalise(df.at[idx, "source"])):
@@ -97,16 +104,8 @@ class RespondStage:
     def __call__(self, df: pd.DataFrame, engine) -> pd.DataFrame:
         ensure_columns(df, {"responses_json": "", "response_tokens_json": "",
                             "tok_respond_prompt": 0, "tok_respond_output": 0})
-        rows = df[live(df)]
-        if rows.empty:
-            return df
-        chats = [[{"role": "user", "content": p}] for p in rows["prompt_text"]]
-        results = engine.generate(chats, self.sampling.spec(), seeds=_seeds(rows, self.seed, self.name))
-        for idx, res in zip(rows.index, results):
-            _count_tokens(df, idx, self.name, res.prompt_tokens, res.output_tokens)
-            if res.error:
-                drop(df, idx, self.name, res.error.split(":")[0], res.error)
-                continue
+        chats_of = lambda rows: [[{"role": "user", "content": p}] for p in rows["prompt_text"]]  # noqa: E731
+        for idx, res in generate_for_live_rows(df, engine, self.name, chats_of, self.sampling.spec(), self.seed):
             texts = [c.text.strip() for c in res.completions]
             df.at[idx, "responses_json"] = dumps(texts)
             df.at[idx, "response_tokens_json"] = dumps([c.num_tokens for c in res.completions])
