@@ -1,6 +1,5 @@
 """SimPO and SFT through Ray Train's TorchTrainer with DeepSpeed ZeRO-3 on 2 CPU workers."""
 
-import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -8,13 +8,13 @@ lost shard and get the same prompts back.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
 from selfalign_ray.engines.base import (
     Chat,
+    ChoiceScores,
     Completion,
     GenerationResult,
     SamplingSpec,

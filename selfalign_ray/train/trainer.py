@@ -170,7 +170,6 @@ class _Batches:
 
 def _forward(engine, batch: dict, cfg: TrainConfig, objective: str) -> dict:
     """Loss and per-example statistics of one micro-batch."""
-    import torch
 
     from selfalign_ray.train.data import sequence_logps
     from selfalign_ray.train.simpo import simpo_loss
@@ -230,7 +229,6 @@ def _train_worker(config: dict) -> None:
     import deepspeed
     import ray.train
     import torch
-    from ray.train import Checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
