@@ -59,9 +59,18 @@ def _placement_args(tp: int, gpus_per_worker: float):
     """A placement group of `tp` GPU bundles per actor, created when the actor is scheduled.
 
     The actor itself holds no GPU; vLLM's Ray executor places its TP workers into the captured group.
+    What vLLM 0.32 expects (vllm/v1/executor/ray_utils.py `initialize_ray_cluster`, ray_executor_v2.py):
+    it takes `ray.util.get_current_placement_group()` (set only with capture_child_tasks=True), needs
+    >= tp bundles with a GPU and no bundle with more than 1 GPU, and starts one worker per bundle with
+    num_cpus=0 and num_gpus=VLLM_RAY_PER_WORKER_GPUS (VLLMEngine sets it to `gpus_per_worker`). The
+    actor (num_cpus_per_actor, default 1) takes its CPU from one bundle, so each bundle carries 1 CPU.
     """
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if not 0 < gpus_per_worker <= 1:
+        raise ValueError(f"engine.num_gpus_per_actor={gpus_per_worker} with tensor_parallel_size={tp}: "
+                         "vLLM places one TP worker per GPU bundle and a bundle may hold at most 1 GPU")
 
     def make() -> dict:
         pg = placement_group([{"GPU": gpus_per_worker, "CPU": 1}] * tp, strategy="STRICT_PACK")
