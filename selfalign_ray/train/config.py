@@ -1,64 +1,108 @@
-"""Typed training settings: mirrors conf/train/*.yaml (every field documented there)."""
+"""Typed training settings: mirrors conf/train/*.yaml (every field is documented there as well)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from selfalign_ray.config import ConfigError
+
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 
 
 @dataclass
 class TrainConfig:
     # App-level switch (read by the loop, ignored by the trainer).
     enabled: bool = True
-    # SimPO: reward scale beta and target margin gamma given as gamma / beta.
+    # SimPO reward scale beta.
     beta: float = 10.0
+    # SimPO target reward margin gamma, given as gamma / beta (as in the SimPO repository).
     gamma_beta_ratio: float = 0.3
+    # Conservative SimPO: assumed probability that a preference label is flipped (0 = off).
     label_smoothing: float = 0.0
-    # Weight of an NLL term on the chosen response (0 = pure SimPO).
+    # Weight of a token-mean NLL term on the chosen response (0 = pure SimPO).
     sft_weight: float = 0.0
+    # Peak learning rate of torch AdamW.
     learning_rate: float = 1e-6
+    # Schedule after the linear warmup: cosine | linear | constant (decays to 0 at the last step).
     lr_scheduler: str = "cosine"
+    # Fraction of the optimizer steps spent warming up linearly from ~0 to learning_rate.
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
+    # Global gradient-norm clipping (DeepSpeed gradient_clipping); 0 = off.
     max_grad_norm: float = 1.0
+    # Passes over the training data.
     epochs: int = 1
-    # Pairs per optimizer step over all workers (= per_device_batch_size x num_workers x grad accumulation).
+    # Pairs (SFT: examples) per optimizer step over all workers
+    # = per_device_batch_size x num_workers x gradient accumulation.
     global_batch_size: int = 128
+    # Pairs per worker per forward pass (a pair is two sequences, chosen and rejected, in one pass).
     per_device_batch_size: int = 1
+    # Tokens of prompt + response; longer examples are cut like the SimPO reference (prompt from the left
+    # to max_prompt_length first, then the responses).
     max_length: int = 512
     max_prompt_length: int = 256
+    # Pack the sequences of a micro-batch into one row with restarting position_ids instead of padding
+    # them (no compute on pad tokens; transformers builds block-diagonal attention from position_ids).
+    padding_free: bool = True
+    # Rows in each worker's local shuffle buffer (seeded by `seed`); 0 = keep the shard order.
+    shuffle_buffer_rows: int = 1000
+    # Ray Train workers (one per GPU on a cluster).
     num_workers: int = 2
-    # CPUs reserved per worker; keep the sum below the node's CPUs so Ray Data read tasks can run.
+    # CPUs reserved per worker. Keep num_workers x cpus_per_worker below the node's CPUs: Ray Data's
+    # read tasks need a CPU too (two workers holding both cores of a 2-core box starve them forever).
     cpus_per_worker: float = 0.5
     # torch intra-op threads per worker on CPU (null: max(1, int(cpus_per_worker))).
     torch_threads: int | None = None
     use_gpu: bool = False
+    # bf16 weights and activations with fp32 master weights (GPU); false = fp32.
     bf16: bool = False
+    # Recompute activations in the backward pass (less memory, ~30 % more compute).
     gradient_checkpointing: bool = False
-    # flash_attention_2 | sdpa | eager | auto (flash-attn 2 when installed and on GPU, else sdpa).
+    # flash_attention_2 | sdpa | eager | auto (flash-attn 2 when installed and use_gpu, else sdpa).
     attn_implementation: str = "auto"
-    # Compile DeepSpeed's shared-memory all-reduce op on CPU (needs gcc, ~40 s once). Off: plain gloo.
+    # Build DeepSpeed's shared-memory all-reduce op on CPU (needs gcc, ~40 s once). Off: plain gloo.
     cpu_shm_comm: bool = False
+    # Optimizer steps between checkpoints (restart points after a worker dies); one is also taken at the end.
     checkpoint_every_steps: int = 50
+    # Worker-group restarts allowed (Ray Train FailureConfig) before the run fails.
     max_failures: int = 2
-    # Measure preference accuracy / margin on the training data before and after training.
+    # Measure preference accuracy / margin (SFT: loss) on the training data before and after training.
     eval_before_after: bool = True
+    # Seeds model-independent randomness: torch, the shuffle buffer.
     seed: int = 0
 
     def validate(self) -> None:
+        """Raise ConfigError (a ValueError) naming the first bad setting."""
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"train.max_prompt_length ({self.max_prompt_length}) must be < "
-                             f"train.max_length ({self.max_length})")
+            raise ConfigError(f"train.max_prompt_length ({self.max_prompt_length}) must be < "
+                              f"train.max_length ({self.max_length}): responses need room")
         for name in ("global_batch_size", "per_device_batch_size", "num_workers", "epochs", "max_length",
                      "max_prompt_length", "checkpoint_every_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
         per_step = self.per_device_batch_size * self.num_workers
         if self.global_batch_size % per_step:
-            raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                             f"per_device_batch_size x num_workers ({per_step})")
-        if self.lr_scheduler not in ("cosine", "linear", "constant"):
-            raise ValueError(f"train.lr_scheduler={self.lr_scheduler!r}: use cosine, linear or constant")
+            raise ConfigError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                              f"per_device_batch_size x num_workers ({self.per_device_batch_size} x "
+                              f"{self.num_workers} = {per_step})")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"train.lr_scheduler={self.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f"train.attn_implementation={self.attn_implementation!r}: "
+                              f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"train.label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(f"train.warmup_ratio must lie in [0, 1], got {self.warmup_ratio}")
+        if self.beta <= 0 or self.learning_rate < 0 or self.cpus_per_worker <= 0 or self.max_failures < 0:
+            raise ConfigError("train.beta and train.cpus_per_worker must be > 0, train.learning_rate and "
+                              "train.max_failures >= 0")
+        if self.shuffle_buffer_rows < 0:
+            raise ConfigError(f"train.shuffle_buffer_rows must be >= 0, got {self.shuffle_buffer_rows}")
 
     @property
     def grad_accum(self) -> int:
+        """Micro-batches per optimizer step on each worker."""
         return self.global_batch_size // (self.per_device_batch_size * self.num_workers)
