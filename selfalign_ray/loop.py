@@ -57,6 +57,11 @@ def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_di
 
 
 def run(cfg) -> dict:
+    if cfg.mode.name == "synpo":
+        # SynPO has its own loop (generator and improver SFT, cumulative dataset, held-out evaluation).
+        from selfalign_ray.synpo.loop import run_synpo
+
+        return run_synpo(cfg)
     started = time.time()
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
