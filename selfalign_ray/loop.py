@@ -28,17 +28,10 @@ def _generator(mode_name: str):
 
 
 def init_ray(cluster) -> None:
-    import ray
+    # Local vs remote Ray, and the token-authentication hint: selfalign_ray/cluster.py.
+    from selfalign_ray.cluster import init_ray as _init_ray
 
-    if ray.is_initialized():
-        return
-    kwargs = dict(address=cluster.address, ignore_reinit_error=True, log_to_driver=True)
-    if not cluster.address:
-        # An embedded local cluster: budget CPUs explicitly (null = all cores of this machine).
-        kwargs.update(num_cpus=cluster.num_cpus, include_dashboard=cluster.include_dashboard)
-        if cluster.include_dashboard:
-            kwargs["dashboard_port"] = cluster.dashboard_port
-    ray.init(**kwargs)
+    _init_ray(cluster)
 
 
 def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_dir: Path) -> dict:
@@ -57,6 +50,10 @@ def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_di
 
 
 def run(cfg) -> dict:
+    # Absolute output dir first (cluster=remote refuses a relative one: the job's working dir is temporary).
+    from selfalign_ray.cluster import apply_output_dir
+
+    apply_output_dir(cfg)
     if cfg.mode.name == "synpo":
         # SynPO has its own loop (generator and improver SFT, cumulative dataset, held-out evaluation).
         from selfalign_ray.synpo.loop import run_synpo

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from selfalign_ray.data.shards import ChunkStats, IterationStore
+from selfalign_ray.generation.metrics import PairMetrics
 from selfalign_ray.generation.pool import PoolSpec, apply_pool
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def run_generation(store: IterationStore, inputs: pd.DataFrame, pools: list[Pool
         ds = ray.data.from_pandas(blocks)
         for pool in pools:
             ds = apply_pool(ds, pool)
+        outcomes = PairMetrics()  # kept/dropped by reason and judge agreement, as Ray metrics (dashboard)
         buffers: dict[int, list[pd.DataFrame]] = defaultdict(list)
         counts: dict[int, int] = defaultdict(int)
         for out in ds.iter_batches(batch_size=None, batch_format="pandas"):
@@ -63,6 +65,7 @@ def run_generation(store: IterationStore, inputs: pd.DataFrame, pools: list[Pool
                     chunk = pd.concat(buffers.pop(chunk_id)).sort_values("row_id")
                     pairs, rejects, stats = assemble(chunk, seen)
                     markers[chunk_id] = store.commit_chunk(chunk_id, pairs, rejects, stats)
+                    outcomes.record(manifest_extra, pairs, rejects, stats)
                     store.write_manifest(markers, {**manifest_extra, "status": "partial"})
                     log.info("chunk %d committed: %d pairs, %d rejects", chunk_id, pairs.num_rows, rejects.num_rows)
         if buffers:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from selfalign_ray.train.config import TrainConfig
+from selfalign_ray.train.metrics import TrainRecorder
 from selfalign_ray.train.objectives import MetricWindow, run_micro_batch, summarise
 from selfalign_ray.train.schedule import StepPlan, lr_multiplier
 
@@ -243,6 +244,7 @@ def train_worker(config: dict) -> None:
         progress.before = _evaluate_all(engine, eval_sets, cfg, objective)
 
     history = out / HISTORY_FILE
+    recorder = TrainRecorder.for_worker(ctx, plan.total_steps, progress.step)  # rank 0: tqdm bar + Ray metrics
     for epoch in range(progress.epoch, cfg.epochs):
         skip = progress.micro_in_epoch if epoch == progress.epoch else 0
         window, window_started, seen = MetricWindow(), time.time(), skip
@@ -274,6 +276,7 @@ def train_worker(config: dict) -> None:
             if rank == 0:
                 with open(history, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
+            recorder.step(metrics)
             _maybe_crash_for_test(config["crash_at"], progress.step, rank, world, out)
             if progress.step % cfg.checkpoint_every_steps == 0 or progress.step == plan.total_steps:
                 _save_checkpoint_and_report(engine, metrics, progress)
@@ -284,6 +287,7 @@ def train_worker(config: dict) -> None:
             raise RuntimeError(f"rank {rank} got {seen} micro-batches in epoch {epoch}, the plan expected "
                                f"{plan.micro_per_epoch} ({plan.rows_per_rank} rows per rank)")
 
+    recorder.close()
     after = _evaluate_all(engine, eval_sets, cfg, objective) if cfg.eval_before_after else None
     save_hf(engine, tokenizer, out, rank)
     if rank == 0:

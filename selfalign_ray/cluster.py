@@ -1,0 +1,92 @@
+"""Where the app's Ray comes from (conf/cluster/), and what a run on a shared cluster must respect.
+
+cluster=local   ray.init() starts an embedded Ray inside this process (laptop, CI, one node).
+cluster=remote  ray.init(address="auto") joins a running cluster: under `ray job submit` (RAY_ADDRESS is set by the
+                job supervisor) or on a node started with `ray start`.
+
+Under `ray job submit --working-dir .` the driver runs in Ray's temporary copy of the working dir
+(/tmp/ray/session_*/runtime_resources/working_dir_files/...), which is deleted with the session: a relative
+output_dir would write shards and models there and lose them. So with cluster=remote a relative output_dir is
+refused, unless `cluster.output_root` names an absolute shared directory to resolve it against.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from selfalign_ray.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Ray >= 2.52 token authentication. A head started by `ray start` enables it when it finds a token
+# (~/.ray/auth_token, which any local ray.init() creates), and then every client — this driver included — must
+# run with RAY_AUTH_MODE=token and see the same token. Ray itself only reports "Failed to connect".
+AUTH_HINT = (
+    "If the cluster uses token authentication (Ray >= 2.52; a head started with `ray start` enables it when "
+    "~/.ray/auth_token exists), run with RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token, "
+    "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it). Under `ray job submit` "
+    "the job inherits this from the head; see cluster/README.md."
+)
+
+
+def is_remote(cluster) -> bool:
+    """cluster=remote (or any config with an address): the app joins a cluster it did not start."""
+    return bool(cluster.get("address"))
+
+
+def resolve_output_dir(cfg) -> Path:
+    """The run's absolute output directory.
+
+    cluster=local: relative to the launch directory (Hydra keeps the cwd, hydra.job.chdir=false).
+    cluster=remote: an absolute output_dir as is; a relative one under `cluster.output_root` if that is set,
+    otherwise a ConfigError (see the module docstring for why).
+    """
+    path = Path(str(cfg.output_dir)).expanduser()
+    if path.is_absolute() or not is_remote(cfg.cluster):
+        return path.resolve()
+    root = cfg.cluster.get("output_root")
+    if not root:
+        raise ConfigError(
+            f"output_dir={cfg.output_dir!r} is relative, and with cluster=remote the job runs in Ray's temporary "
+            "working directory, which is deleted with the session: shards and models would be lost. Pass an "
+            "absolute path on storage every node sees (output_dir=/shared/runs/my-run), or set "
+            "cluster.output_root=/shared/runs to place relative output dirs under it.")
+    root = Path(str(root)).expanduser()
+    if not root.is_absolute():
+        raise ConfigError(f"cluster.output_root={str(root)!r} must be an absolute path (shared by all nodes)")
+    return (root / path).resolve()
+
+
+def apply_output_dir(cfg) -> Path:
+    """Resolve output_dir (see resolve_output_dir); on a remote cluster write it back into cfg, so every later
+    reader (SAO loop, SynPO loop) uses the resolved path (a local run is left exactly as configured)."""
+    out = resolve_output_dir(cfg)
+    if is_remote(cfg.cluster) and str(cfg.output_dir) != str(out):
+        cfg.output_dir = str(out)
+    return out
+
+
+def init_ray(cluster) -> None:
+    """Start (local) or join (remote) Ray once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = dict(address=cluster.address, ignore_reinit_error=True, log_to_driver=True)
+    if not cluster.address:
+        # An embedded local cluster: budget CPUs explicitly (null = all cores of this machine).
+        kwargs.update(num_cpus=cluster.num_cpus, include_dashboard=cluster.include_dashboard)
+        if cluster.include_dashboard:
+            kwargs["dashboard_port"] = cluster.dashboard_port
+        ray.init(**kwargs)
+        return
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as e:
+        # Without a token the GCS answers "Unauthenticated" and ray.init gives up with a bare ConnectionError.
+        # We only explain; we never switch authentication on or off for the user.
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            raise ConnectionError(f"{e}\n{AUTH_HINT}") from e
+        raise
