@@ -234,6 +234,7 @@ def train_worker(config: dict) -> None:
     tokenizer, engine, _hf_ds = _build_engine(config["model_path"], cfg, config["deepspeed"], plan)
     partition = partition_stats(engine.module)
     restored = _restore(engine)
+    restored_from_step = restored.step if restored else None  # `progress` below advances this same object
     progress = restored or Progress()
 
     train_data = MicroBatches(ray.train.get_dataset_shard("train"), tokenizer, cfg, objective)
@@ -302,7 +303,7 @@ def train_worker(config: dict) -> None:
             # Tokens through the model (prompt + responses, chosen and rejected, no padding) per second of
             # training steps, over all ranks; loading, evaluation and checkpointing are not counted.
             "mean_tokens_per_s": progress.tokens / max(progress.train_s, 1e-9),
-            "restored_from_step": restored.step if restored else None,
+            "restored_from_step": restored_from_step,
             "zero3_partition_rank0": partition,
         }
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
