@@ -60,6 +60,7 @@ def iter_records(path: Path, text_field: str) -> Iterator[tuple[int, Any]]:
     """Yield (line/row number, record or exception) for each non-blank record.
 
     Text files yield {text_field: line}. Errors are yielded as RecordError so the caller decides.
+    A `.json` file is JSON Lines or one JSON array (then the number is the element's, from 1).
     """
     fmt = file_format(path)
     if not path.exists():
@@ -74,10 +75,23 @@ def iter_records(path: Path, text_field: str) -> Iterator[tuple[int, Any]]:
         for i, row in enumerate(table.to_pylist(), start=1):
             yield i, row
         return
+    if path.suffix.lower() == ".json":
+        with open(path, "rb") as f:
+            head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf").lstrip()
+        if head[:1] == b"[":
+            # A .json file holding one JSON array (not JSON Lines): records are numbered by element.
+            try:
+                records = json.loads(path.read_bytes().decode("utf-8-sig"))
+            except UnicodeDecodeError as err:
+                raise InputFileError(f"{path}: invalid UTF-8 byte at offset {err.start}") from None
+            except json.JSONDecodeError as err:
+                raise InputFileError(f"{path}:{err.lineno}: invalid JSON array: {err.msg} (column {err.colno})") from None
+            yield from enumerate(records, start=1)
+            return
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is not data
             except UnicodeDecodeError as err:
                 yield lineno, RecordError(str(path), lineno, "not_utf8", f"invalid UTF-8 byte at offset {err.start}")
                 continue

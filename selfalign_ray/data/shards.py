@@ -44,6 +44,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        # A bare write()/fsync() error names no file; say which one was not written (ENOSPC: disk full).
+        raise OSError(err.errno, f"{err.strerror or err}: could not write {path} ({len(data)} bytes); "
+                                 "nothing under that name was changed") from err
     finally:
         # On ENOSPC or any other failure no half-written file is left under a visible name.
         if tmp.exists():
@@ -155,8 +159,11 @@ class IterationStore:
         logged by name and left to be regenerated (its marker is removed)."""
         out = {}
         for marker_path in sorted(self.chunks_dir.glob("part-*.json")):
-            marker = json.loads(marker_path.read_text())
-            problem = self._verify(marker)
+            try:
+                marker = json.loads(marker_path.read_text())
+                problem = self._verify(marker)
+            except (ValueError, KeyError, TypeError) as err:  # a damaged marker: the chunk is not committed
+                marker, problem = None, f"{marker_path} is unreadable ({type(err).__name__}: {err})"
             if problem:
                 log.warning("chunk %s will be regenerated: %s", marker_path.name, problem)
                 marker_path.unlink()

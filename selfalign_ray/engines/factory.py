@@ -32,6 +32,18 @@ class EngineConfig:
     torch_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # Checked where the config is built (the driver), not after an actor has loaded a model.
+        from selfalign_ray.config import ConfigError
+
+        for name in ("num_actors", "batch_size", "max_model_len", "tensor_parallel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"engine.{name} must be a positive integer, got {value!r}")
+        if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
+            raise ConfigError(f"engine.num_cpus_per_actor ({self.num_cpus_per_actor}) and engine.num_gpus_per_actor "
+                              f"({self.num_gpus_per_actor}) must be >= 0")
+
 
 def make_engine(model_path: str, cfg: EngineConfig) -> Engine:
     if cfg.kind == "hf":

@@ -18,6 +18,25 @@ def _looks_like_hub_id(path: str) -> bool:
     return len(parts) == 2 and all(parts) and not path.startswith((".", "/", "~"))
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def _check_model_dir(folder: Path, path: str) -> None:
+    """Cheap checks on the driver, so that a directory that is not a model fails here, named, and not as an
+    actor's traceback after Ray has started: a parseable config.json with a model_type, and weight files."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise ModelNotFoundError(f"model.path={path}: config.json is not readable JSON ({err})") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise ModelNotFoundError(f"model.path={path}: config.json has no model_type; not a Hugging Face model config")
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise ModelNotFoundError(f"model.path={path} has a config.json but no weight files "
+                                 f"({', '.join(WEIGHT_PATTERNS)})")
+
+
 def resolve_model_path(source: str, path: str | None = None, dtype: str = "float32") -> str:
     """Return a local directory (or, for users with hub access, a hub id) for a model preset.
 
@@ -31,6 +50,7 @@ def resolve_model_path(source: str, path: str | None = None, dtype: str = "float
                 raise ModelNotFoundError(
                     f"model.path={path} is a directory but not a Hugging Face model (no config.json)."
                 )
+            _check_model_dir(expanded, path)
             return str(expanded.resolve())
         if expanded.exists():
             raise ModelNotFoundError(f"model.path={path} is a file, not a Hugging Face model directory.")

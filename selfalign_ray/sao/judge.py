@@ -27,6 +27,18 @@ class JudgeConfig:
     max_tokens: int = 32             # generative judge only
     temperature: float = 0.0         # generative judge only (greedy: a verdict, not a sample)
 
+    def __post_init__(self):
+        # On the driver, before any actor has loaded a model and generated for the judge to fail on.
+        from selfalign_ray.config import ConfigError
+
+        if self.kind not in ("logprob", "generative"):
+            raise ConfigError(f"judge.kind={self.kind!r} is not one of: logprob, generative")
+        if not 0 <= self.min_confidence <= 1:
+            raise ConfigError(f"judge.min_confidence must lie in [0, 1], got {self.min_confidence}")
+        if self.kind == "generative" and (self.max_tokens < 1 or self.temperature < 0):
+            raise ConfigError(f"judge.max_tokens must be >= 1 and judge.temperature >= 0, got {self.max_tokens} "
+                              f"and {self.temperature}")
+
 
 @dataclass
 class Verdict:
@@ -39,13 +51,24 @@ class Verdict:
     raw: str = ""
 
 
-def _p_first(logprobs: dict[str, float]) -> float:
-    l1, l2 = logprobs["1"], logprobs["2"]
-    return 1.0 / (1.0 + math.exp(l2 - l1))
+def _p_first(logprobs: dict[str, float]) -> float | None:
+    """P("1") normalised over {"1", "2"}; None when the scores are missing or not numbers (NaN, both -inf)."""
+    try:
+        l1, l2 = float(logprobs["1"]), float(logprobs["2"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    d = l2 - l1
+    if math.isnan(d):
+        return None
+    # Overflow-safe logistic: math.exp(d) raises OverflowError once d > ~709.
+    return 1.0 / (1.0 + math.exp(d)) if d <= 0 else math.exp(-d) / (1.0 + math.exp(-d))
 
 
 def logprob_verdict(ab: dict[str, float], ba: dict[str, float] | None) -> Verdict:
     p_ab = _p_first(ab)
+    if p_ab is None or (ba is not None and _p_first(ba) is None):
+        # Counted like an unparsable generative verdict; never a pair with a NaN preference.
+        return Verdict(reason="unparsable_judge:invalid_logprobs", raw=f"logprobs={ab}; swapped={ba}")
     raw = f"P(1)={p_ab:.4f}"
     if ba is None:
         return Verdict(p_a=p_ab, confidence=max(p_ab, 1 - p_ab), orders_agree=None, raw=raw)

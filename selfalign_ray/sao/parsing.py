@@ -13,7 +13,9 @@ from selfalign_ray.sao.templates import PROMPT_PREFIX
 _PREFIX_RE = re.compile(r"^\W*" + re.escape(PROMPT_PREFIX).replace(r"\ ", r"\s*") + r"\W*", re.IGNORECASE)
 _ANYWHERE_RE = re.compile(re.escape(PROMPT_PREFIX).replace(r"\ ", r"\s*"), re.IGNORECASE)
 _TEMPLATE_ECHO = "guess a prompt that the following persona"
-_RANKING_RE = re.compile(r"ranking\s*[:：]\s*\**\s*(?:response\s*)?(\d+)\s*\**\s*>\s*\**\s*(?:response\s*)?(\d+)",
+# Separators are one class ([\s*]*, spaces and markdown stars in any mix), never `\s*\**\s*`: adjacent
+# optional runs made a long run of spaces backtrack polynomially (8,000 spaces after "ranking:" took 15 s).
+_RANKING_RE = re.compile(r"ranking\s*[:：][\s*]*(?:response\s*)?(\d+)[\s*]*>[\s*]*(?:response\s*)?(\d+)",
                          re.IGNORECASE)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import pandas as pd
 
-from selfalign_ray.config import positive, typed
+from selfalign_ray.config import ConfigError, positive, typed
 from selfalign_ray.data.personas import PersonaConfig, load_personas, sample_personas
 from selfalign_ray.data.shards import IterationStore
 from selfalign_ray.engines.factory import EngineConfig
@@ -33,21 +34,30 @@ def generate_sao(cfg, iteration: int, model_path: str, iter_dir: Path) -> dict:
     respond = typed(SamplingConfig, mode.respond, "mode.respond")
     if respond.n < 2:
         raise ValueError(f"mode.respond.n must be >= 2 to form a pair, got {respond.n}")
+    for where, sampling in (("mode.instruct", instruct), ("mode.respond", respond)):
+        try:
+            sampling.spec()  # the engines' own checks (max_tokens >= 1, 0 < top_p <= 1, ...), here on the driver
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    # Validated before run.json binds it: a bad value must not make the output dir refuse the corrected command.
+    shard_size = positive(mode.shard_size, "mode.shard_size")
 
     store = IterationStore(iter_dir)
     # Everything that decides which rows exist and what they contain; a resume must match it.
     store.bind_settings({
         "mode": "sao", "iteration": iteration, "model": model_path, "seed": cfg.seed,
         "dataset_size": dataset_size, "personas": persona_cfg.__dict__, "instruct": instruct.__dict__,
-        "respond": respond.__dict__, "judge": judge_cfg.__dict__, "shard_size": mode.shard_size,
+        "respond": respond.__dict__, "judge": judge_cfg.__dict__, "shard_size": shard_size,
         "require_prefix": mode.require_prefix, "min_prompt_chars": mode.min_prompt_chars,
+        # The sampled personas themselves: an edited persona file under the same path must not mix two samples.
+        "inputs_sha256": hashlib.sha256("\n".join(f"{p.id}\t{p.text}" for p in sampled).encode()).hexdigest(),
     })
     inputs = assign_chunks(pd.DataFrame({
         "source_id": [p.id for p in sampled],
         "source": [p.text for p in sampled],
         "iteration": iteration,
         "mode": "sao",
-    }), positive(mode.shard_size, "mode.shard_size"))
+    }), shard_size)
     stages = [
         InstructStage(instruct, cfg.seed, require_prefix=mode.require_prefix, min_prompt_chars=mode.min_prompt_chars),
         RespondStage(respond, cfg.seed),

@@ -213,6 +213,9 @@ class PreferenceStage:
                 drop(df, idx, self.name, error.split(":")[0], error)
                 continue
             v = logprob_verdict(ab.logprobs, ba.logprobs)
+            if v.reason:  # NaN / missing log-probs: counted, never kept with a NaN score
+                drop(df, idx, self.name, v.reason, raw=v.raw)
+                continue
             gap = 2 * v.p_a - 1
             df.at[idx, "judge_confidence"], df.at[idx, "score_gap"] = v.p_a, gap
             df.at[idx, "judge_agreement"] = "yes" if v.orders_agree else "no"

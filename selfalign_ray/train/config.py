@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from selfalign_ray.config import ConfigError
@@ -74,6 +75,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the first bad setting."""
+        for name in ("beta", "gamma_beta_ratio", "label_smoothing", "sft_weight", "learning_rate", "warmup_ratio",
+                     "weight_decay", "max_grad_norm", "cpus_per_worker"):
+            value = getattr(self, name)
+            # NaN passes every `<` / `>` check below and would only show up as a NaN loss at step 1.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"train.{name} must be a finite number, got {value!r}")
+        if self.sft_weight < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError("train.sft_weight, train.weight_decay and train.max_grad_norm must be >= 0")
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"train.max_prompt_length ({self.max_prompt_length}) must be < "
                               f"train.max_length ({self.max_length}): responses need room")
