@@ -45,18 +45,33 @@ def _print_summary(report: dict) -> None:
                       f"mean margin {before['mean_margin']:.4f} -> {after['mean_margin']:.4f} (training pairs)")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _main(cfg: DictConfig) -> None:
+def _run(cfg: DictConfig) -> dict:
     from selfalign_ray.loop import run
 
     report = run(cfg)
     _print_summary(report)
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _main(cfg: DictConfig):
+    from selfalign_ray.report.sweep import in_multirun, run_job
+
+    if in_multirun():
+        # Own output dir per job; a failure is recorded and the sweep goes on (selfalign_ray/report/sweep.py).
+        return run_job(cfg, _run)
+    _run(cfg)
 
 
 def main() -> None:
     # Hydra resolves relative output dirs against the launch directory (hydra.job.chdir=false).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _main()
+    from selfalign_ray.report.sweep import FAILED_JOBS
+
+    if FAILED_JOBS:  # a multirun with failed jobs (listed in its sweep_summary.md) exits nonzero
+        print(f"selfalign-ray: {len(FAILED_JOBS)} job(s) of the sweep failed: {FAILED_JOBS}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

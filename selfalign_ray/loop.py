@@ -63,6 +63,13 @@ def run(cfg) -> dict:
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     iterations = positive(cfg.iterations, "iterations")
+    positive(cfg.dataset_size, "dataset_size")
+    if cfg.train.enabled:
+        # Bad training settings fail now, not after the generation they would follow.
+        from selfalign_ray.train.deepspeed_config import deepspeed_config
+        from selfalign_ray.train.trainer import as_train_config
+
+        deepspeed_config(to_dict(cfg.deepspeed), as_train_config(cfg.train))
     base_model = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
     init_ray(cfg.cluster)
     generate = _generator(cfg.mode.name)
@@ -98,7 +105,18 @@ def run(cfg) -> dict:
             current = trained["model_dir"]
             entry["model"] = current
             entry["train"] = trained["summary"]
+        # Optional (eval.enabled): the new model against the base model, into the manifest (selfalign_ray/eval/).
+        from selfalign_ray.eval.run import add_to_manifest, evaluate_vs_base
+
+        vs_base = evaluate_vs_base(cfg, k, current, base_model, iter_dir)
+        if vs_base:
+            entry["eval_vs_base"] = vs_base
+            add_to_manifest(iter_dir, "eval_vs_base", vs_base)
         report["iterations"].append(entry)
     report["wall_s"] = round(time.time() - started, 1)
     atomic_write_json(out / "summary.json", report)
+    # DIR/report.md + DIR/report/*.png from the files on disk; a failure only logs a warning.
+    from selfalign_ray.report import write_report_safely
+
+    write_report_safely(out)
     return report

@@ -189,6 +189,12 @@ class SynpoRun:
             if evaluation:
                 manifest["eval"] = evaluation
                 entry["eval"] = evaluation
+            # Optional (eval.enabled): π_k against θ0 on the evaluation prompts (selfalign_ray/eval/).
+            from selfalign_ray.eval.run import evaluate_vs_base
+
+            vs_base = evaluate_vs_base(self.cfg, k, current, self.base, iter_dir)
+            if vs_base:
+                manifest["eval_vs_base"] = entry["eval_vs_base"] = vs_base
         atomic_write_json(iter_dir / "manifest.json", manifest)
         return entry, current
 
@@ -217,6 +223,10 @@ def run_synpo(cfg) -> dict:
     report["wall_s"] = round(time.time() - started, 1)
     atomic_write_json(run.out / "summary.json", report)
     _log_evaluations(report)
+    # DIR/report.md + DIR/report/*.png from the files on disk; a failure only logs a warning.
+    from selfalign_ray.report import write_report_safely
+
+    write_report_safely(run.out)
     return report
 
 
