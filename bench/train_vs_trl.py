@@ -1,0 +1,256 @@
+"""SimPO training step: ours vs TRL's CPOTrainer(loss_type="simpo", cpo_alpha=0), same model, data, batch, lengths.
+
+    python bench/train_vs_trl.py                        # SmolLM2-135M, fp32 CPU, 4 pairs per step
+    python bench/train_vs_trl.py --threads 2 --steps 4
+
+TRL is not a dependency of this project: a trl wheel is installed beside the venv, never into it,
+    pip install --no-deps --target /tmp/trl_pkg trl-1.16.0-py3-none-any.whl
+and this script puts --trl-path (default /tmp/trl_pkg) on sys.path.
+
+Variants (interleaved in one process, medians reported):
+  trl         : trl.experimental.cpo.CPOTrainer, loss_type="simpo", cpo_alpha=0, beta=10, simpo_gamma=3
+                (= gamma/beta 0.3), lr 1e-6, max_length 512, optim adamw_torch, max_grad_norm 1, sequential
+                sampler, one process (HF Trainer + accelerate, no DeepSpeed). Padded concatenated forward.
+  ours_direct : our step without Ray and DeepSpeed: the worker's code path (train/data.py tokenisation and
+                padding-free packing, train/objectives.run_micro_batch) + torch AdamW (clip 1.0) in this process.
+                The like-for-like comparison with TRL's single process.
+  ours_ray    : the product path: selfalign_ray.train.train_model -> Ray Train TorchTrainer, 1 worker, DeepSpeed
+                ZeRO-3 (conf/deepspeed/zero3.yaml), Ray Data streaming the Parquet pairs. Step times come from
+                train_history.jsonl (tokens / tokens_per_s per optimizer step).
+All three: the same fp32 model with sdpa attention, the same pairs in the same order, per-device batch = global
+batch = --batch pairs (no accumulation), the same torch threads (--threads).
+
+Step time = from the end of the previous optimizer step to the end of this one (tokenisation / collation of
+the batch, forward, backward, clipping, optimizer step); the first --warmup steps are not counted.
+Tokens = real (non-pad) tokens of chosen + rejected (prompt + response each), each side counting what its own
+tokenisation fed the model (TRL appends an extra EOS after the template's `<|im_end|>\\n`, so it has ~1 more
+token per sequence). Ratio = ours tokens/s / TRL tokens/s (target >= 1.3); pairs/s ratio printed as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, init_ray, interleave, median, uptime, versions, write_json  # noqa: E402
+
+
+def make_pairs(n: int, seed: int, words: tuple[int, int]) -> list[dict]:
+    """TRL conversational preference rows: builtin eval prompts; chosen / rejected = builtin corpus paragraphs
+    cut to a random number of words (so lengths vary as in real data)."""
+    builtin = ROOT / "selfalign_ray" / "builtin"
+    prompts = [json.loads(x)["instruction"] for x in (builtin / "eval_prompts.jsonl").read_text().splitlines() if x.strip()]
+    paras = [p.split() for p in (builtin / "corpus.txt").read_text().split("\n\n") if p.strip()]
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        def answer():
+            return " ".join(rng.choice(paras)[:rng.randint(*words)])
+        rows.append({"prompt": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                     "chosen": [{"role": "assistant", "content": answer()}],
+                     "rejected": [{"role": "assistant", "content": answer()}]})
+    return rows
+
+
+def load_model(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    return model
+
+
+def step_stats(ends: list[float], tokens: list[int], pairs_per_step: int, warmup: int, start: float) -> dict:
+    """Per-step seconds from consecutive step-end stamps (step 0 measured from `start`), warmup dropped."""
+    times = [e - s for s, e in zip([start] + ends[:-1], ends)][warmup:]
+    toks = tokens[warmup:len(ends)]
+    sec = sum(times)
+    return {"steps": len(times), "seconds": sec, "tokens": sum(toks), "tok_s": sum(toks) / sec,
+            "pairs_s": pairs_per_step * len(times) / sec, "step_s": [round(t, 2) for t in times]}
+
+
+class Bench:
+    def __init__(self, args):
+        from selfalign_ray.cli import compose
+        from selfalign_ray.models.resolve import resolve_model_path
+
+        cfg = compose([f"model={args.model}"])
+        self.model_path = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
+        self.ds_cfg = cfg.deepspeed
+        self.args = args
+        self.n_steps = args.steps + args.warmup
+        self.rows = make_pairs(self.n_steps * args.batch, args.seed, (args.min_words, args.max_words))
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench_trl_"))
+        self.parquet = str(self.tmp / "pairs.parquet")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(self.rows), self.parquet)
+        self.first_loss = {}
+
+    # ------------------------------------------------------------------------ TRL
+    def trl(self) -> dict:
+        import torch
+        from datasets import Dataset
+        from transformers import AutoTokenizer, TrainerCallback
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        a = self.args
+        torch.set_num_threads(a.threads)
+        tokens, padded, ends, losses, threads_seen = [], [], [], [], []
+
+        class Counting(CPOTrainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                c, r = inputs["chosen_attention_mask"], inputs["rejected_attention_mask"]
+                tokens.append(int(c.sum() + r.sum()))
+                padded.append(2 * c.shape[0] * max(c.shape[1], r.shape[1]))
+                threads_seen.append(torch.get_num_threads())
+                out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                losses.append(float(out[0] if isinstance(out, tuple) else out))
+                return out
+
+        class Stamp(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                ends.append(time.perf_counter())
+
+        cfg = CPOConfig(output_dir=str(self.tmp / "trl"), loss_type="simpo", cpo_alpha=0.0, beta=10.0,
+                        simpo_gamma=3.0, learning_rate=1e-6, max_length=512, per_device_train_batch_size=a.batch,
+                        gradient_accumulation_steps=1, max_steps=self.n_steps, optim="adamw_torch",
+                        max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=0,
+                        train_sampling_strategy="sequential", use_cpu=True, report_to="none",
+                        save_strategy="no", logging_steps=10**6, dataloader_num_workers=0, seed=a.seed,
+                        disable_tqdm=True)
+        tok = AutoTokenizer.from_pretrained(self.model_path)
+        trainer = Counting(model=load_model(self.model_path), args=cfg, train_dataset=Dataset.from_list(self.rows),
+                           processing_class=tok, callbacks=[Stamp()])
+        start = time.perf_counter()
+        trainer.train()
+        res = step_stats(ends, tokens, a.batch, a.warmup, start)
+        res["pad_waste"] = 1 - sum(tokens[a.warmup:]) / sum(padded[a.warmup:])
+        res["threads"] = threads_seen[-1]
+        self.first_loss.setdefault("trl", losses[0])
+        del trainer
+        gc.collect()
+        return res
+
+    # ---------------------------------------------------------------- ours, direct
+    def ours_direct(self) -> dict:
+        import torch
+        from transformers import AutoTokenizer
+
+        from selfalign_ray.train.config import TrainConfig
+        from selfalign_ray.train.data import collate, preference_examples
+        from selfalign_ray.train.objectives import run_micro_batch
+
+        a = self.args
+        torch.set_num_threads(a.threads)
+        cfg = TrainConfig(beta=10.0, gamma_beta_ratio=0.3, learning_rate=1e-6, max_length=512, max_prompt_length=256,
+                          per_device_batch_size=a.batch, global_batch_size=a.batch, num_workers=1)
+        tok = AutoTokenizer.from_pretrained(self.model_path)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        model = load_model(self.model_path)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+        tokens, ends = [], []
+        start = time.perf_counter()
+        for s in range(self.n_steps):
+            rows = self.rows[s * a.batch:(s + 1) * a.batch]
+            pairs = [preference_examples(tok, r, cfg.max_length, cfg.max_prompt_length) for r in rows]
+            batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, padding_free=True)
+            out = run_micro_batch(model, batch, cfg, "simpo")
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens.append(out.tokens)
+            if s == 0:
+                self.first_loss.setdefault("ours_direct", float(out.loss))
+            ends.append(time.perf_counter())
+        res = step_stats(ends, tokens, a.batch, a.warmup, start)
+        res["threads"] = torch.get_num_threads()
+        del model, opt
+        gc.collect()
+        return res
+
+    # ------------------------------------------------------------ ours, Ray Train
+    def ours_ray(self) -> dict:
+        from selfalign_ray.train import train_model
+
+        a = self.args
+        cfg = {"beta": 10.0, "gamma_beta_ratio": 0.3, "learning_rate": 1e-6, "max_length": 512,
+               "max_prompt_length": 256, "per_device_batch_size": a.batch, "global_batch_size": a.batch,
+               "num_workers": 1, "cpus_per_worker": 1, "torch_threads": a.threads, "shuffle_buffer_rows": 0,
+               "eval_before_after": False, "checkpoint_every_steps": 10**6, "max_failures": 0,
+               "warmup_ratio": 0.0, "seed": a.seed}
+        out = Path(tempfile.mkdtemp(dir=self.tmp))
+        result = train_model(model_path=self.model_path, train_files=[self.parquet], output_dir=str(out / "model"),
+                             cfg=cfg, deepspeed_cfg=self.ds_cfg, run_name="bench")
+        hist = result.history
+        self.first_loss.setdefault("ours_ray", hist[0]["loss"])
+        times = [h["tokens"] / h["tokens_per_s"] for h in hist][a.warmup:]
+        toks = [h["tokens"] for h in hist][a.warmup:]
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        return {"steps": len(times), "seconds": sum(times), "tokens": sum(toks), "tok_s": sum(toks) / sum(times),
+                "pairs_s": a.batch * len(times) / sum(times), "step_s": [round(t, 2) for t in times],
+                "threads": a.threads}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2_135m")
+    ap.add_argument("--batch", type=int, default=4, help="pairs per optimizer step (2x sequences)")
+    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps at the start of each run")
+    ap.add_argument("--min-words", type=int, default=15)
+    ap.add_argument("--max-words", type=int, default=80)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for every variant")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--variants", default="trl,ours_direct,ours_ray")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trl-path", default="/tmp/trl_pkg")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, args.trl_path)
+
+    start_load = uptime("start")
+    bench = Bench(args)
+    names = args.variants.split(",")
+    if "ours_ray" in names:
+        init_ray(num_cpus=2)
+    runs = interleave({n: getattr(bench, n) for n in names}, args.reps)
+    end_load = uptime("end")
+    med = {n: {k: median([r[k] for r in rs]) for k in ("tok_s", "pairs_s", "tokens")} for n, rs in runs.items()}
+    report = {"versions": versions(), "uptime_start": start_load, "uptime_end": end_load, "args": vars(args),
+              "model": bench.model_path, "first_step_loss": bench.first_loss, "median": med, "runs": runs}
+    if "trl" in med:
+        report["ratios_vs_trl"] = {n: {"tok_s": med[n]["tok_s"] / med["trl"]["tok_s"],
+                                       "pairs_s": med[n]["pairs_s"] / med["trl"]["pairs_s"]} for n in med if n != "trl"}
+    write_json(args.json, report)
+
+    print(f"\n{bench.model_path}: {args.batch} pairs/step, {args.steps} timed steps (+{args.warmup} warmup) per run, "
+          f"{args.threads} torch thread(s); medians of {args.reps} interleaved runs")
+    print("first-step SimPO loss: " + ", ".join(f"{k} {v:.4f}" for k, v in bench.first_loss.items()))
+    if "trl" in runs:
+        print(f"TRL padded batch: pad waste {median([r['pad_waste'] for r in runs['trl']]):.2f} of the padded tokens")
+    print(f"{'variant':12} {'tokens/run':>10} {'tok/s':>8} {'pairs/s':>8} {'tok/s vs TRL':>13} {'pairs/s vs TRL':>15}")
+    for n in names:
+        m = med[n]
+        rt = report.get("ratios_vs_trl", {}).get(n)
+        r_tok = f"{rt['tok_s']:.2f}" if rt else "-"
+        r_pairs = f"{rt['pairs_s']:.2f}" if rt else "-"
+        print(f"{n:12} {m['tokens']:10.0f} {m['tok_s']:8.2f} {m['pairs_s']:8.3f} {r_tok:>13} {r_pairs:>15}")
+    for n, rt in report.get("ratios_vs_trl", {}).items():
+        print(f"target {n}/trl tokens/s >= 1.3: {rt['tok_s']:.2f} -> {'met' if rt['tok_s'] >= 1.3 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
