@@ -196,17 +196,28 @@ CONFIG_CASES = [
 ]
 
 
+def _replace_run_generation(monkeypatch, replacement):
+    """Patch run_generation where it is *used*. The pipelines bind it with `from ... import` when first imported;
+    patching only the runner module while a pipeline was first imported left the replacement bound in that
+    pipeline for the rest of the session (every later test then 'started Ray' through it)."""
+    import selfalign_ray.generation.runner as runner
+    import selfalign_ray.sao.pipeline as sao_pipeline
+    import selfalign_ray.synpo.pipeline as synpo_pipeline
+
+    for module in (runner, sao_pipeline, synpo_pipeline):
+        monkeypatch.setattr(module, "run_generation", replacement)
+
+
 @pytest.mark.parametrize("case, overrides, exc, match", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
 def test_bad_configs_fail_before_ray_and_before_any_output(tmp_path, persona_file, monkeypatch, case, overrides, exc,
                                                            match):
-    import selfalign_ray.generation.runner as runner
     import selfalign_ray.loop as loop
 
     def no_ray(*_):
         raise AssertionError("the bad setting got past validation: Ray was started")
 
     monkeypatch.setattr(loop, "init_ray", lambda cluster: None)  # generation validates before using Ray
-    monkeypatch.setattr(runner, "run_generation", no_ray)
+    _replace_run_generation(monkeypatch, no_ray)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     places = {"missing": tmp_path / "nope.jsonl", **_model_dirs(tmp_path)}
     out = tmp_path / "run"
@@ -234,9 +245,7 @@ def test_unknown_presets_and_keys_are_refused_at_composition(overrides, match):
 def test_a_refused_setting_does_not_poison_the_output_dir(tmp_path, persona_file, monkeypatch):
     """mode.shard_size=0 used to be written into run.json before it was checked; the corrected command was then
     refused as 'different settings (shard_size)'."""
-    import selfalign_ray.generation.runner as runner
     import selfalign_ray.loop as loop
-    import selfalign_ray.sao.pipeline as pipeline
 
     class Reached(Exception):
         pass
@@ -245,8 +254,7 @@ def test_a_refused_setting_does_not_poison_the_output_dir(tmp_path, persona_file
         raise Reached
 
     monkeypatch.setattr(loop, "init_ray", lambda cluster: None)
-    monkeypatch.setattr(runner, "run_generation", reached)
-    monkeypatch.setattr(pipeline, "run_generation", reached)
+    _replace_run_generation(monkeypatch, reached)
     base = ["model=tiny_random", f"personas.path={persona_file}", f"output_dir={tmp_path / 'run'}", "dataset_size=4",
             "train.enabled=false"]
     with pytest.raises(ConfigError, match="shard_size"):

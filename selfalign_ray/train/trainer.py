@@ -161,9 +161,10 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     fingerprint["sha256"] = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     resumed = _prepare_storage(storage, out, fingerprint)
 
-    datasets = {"train": ray.data.read_parquet(train_files, columns=columns)}
+    # select_columns (not read_parquet(columns=...), deprecated in Ray 2.60) is still pushed down to the reader.
+    datasets = {"train": ray.data.read_parquet(train_files).select_columns(columns)}
     if eval_files:
-        datasets["eval"] = ray.data.read_parquet(eval_files, columns=columns)
+        datasets["eval"] = ray.data.read_parquet(eval_files).select_columns(columns)
     log.info("training %s (%s) on %d rows: %d optimizer steps of %d, %d workers, %d micro-batches of %d per "
              "step per worker", model_path, objective, rows, plan.total_steps, cfg.global_batch_size,
              cfg.num_workers, plan.grad_accum, cfg.per_device_batch_size)
