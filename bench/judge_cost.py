@@ -99,6 +99,24 @@ def logprob_details(df):
     return firsts, consistent
 
 
+def profile_judges(engine, pairs, judges) -> dict[str, str]:
+    """One untimed pass of each judge under torch.profiler; prints and returns the top ops by self CPU time.
+    What it answers: how much of a judge's time is the prompt's forward pass (shared by both judges) and how
+    much the generative judge's decoding adds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    # One engine batch only: the profiler keeps every op event in memory, and a 256-token generative pass over
+    # 32 pairs grew this process past 24 GB (OOM-killed here).
+    part = pairs.head(engine.cfg.batch_size)
+    tables = {}
+    for kind, cfg in judges.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_judge(engine, part, cfg)
+        tables[kind] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+        print(f"\n--- torch.profiler, {kind} judge, one pass over {len(part)} pairs ---\n{tables[kind]}", flush=True)
+    return tables
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2_135m")
@@ -107,6 +125,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="override engine.torch_threads")
     ap.add_argument("--batch-size", type=int, default=None, help="override engine.batch_size")
+    ap.add_argument("--generative-max-tokens", type=int, default=None,
+                    help="override the generative judge's max_tokens (room for a rationale before the ranking)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed runs, one pass of each judge under torch.profiler: top ops by self CPU time")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -128,6 +150,8 @@ def main() -> None:
     for kind in ("logprob", "generative"):
         cfg = typed(JudgeConfig, compose([f"model={args.model}", f"judge={kind}"]).judge, "judge")
         cfg.min_confidence, cfg.require_agreement = 0.0, False
+        if kind == "generative" and args.generative_max_tokens:
+            cfg.max_tokens = args.generative_max_tokens
         judges[kind] = cfg
     engine = make_engine(model_path, engine_cfg)
     threads = engine_cfg.torch_threads or max(1, int(engine_cfg.num_cpus_per_actor))
@@ -172,6 +196,9 @@ def main() -> None:
         "generative_sample_raw": gen["raw"].head(3).tolist(), "runs": runs,
     }
     write_json(args.json, report)
+    if args.profile:  # after the numbers are safe on disk
+        report["profiles"] = profile_judges(engine, pairs, judges)
+        write_json(args.json, report)
 
     print(f"\n{n} pairs, both orders; medians of {args.reps} interleaved runs")
     print(f"{'judge':11} {'s/pair':>8} {'prompt tok':>10} {'out tok':>8} {'verdicts':>9} {'pos-consistent':>15}")

@@ -9,10 +9,11 @@ and this script puts --trl-path (default /tmp/trl_pkg) on sys.path.
 
 Variants (interleaved in one process, medians reported):
   trl         : trl.experimental.cpo.CPOTrainer, loss_type="simpo", cpo_alpha=0, beta=10, simpo_gamma=3
-                (= gamma/beta 0.3), lr 1e-6, max_length 512, optim adamw_torch, max_grad_norm 1, sequential
-                sampler, one process (HF Trainer + accelerate, no DeepSpeed). Padded concatenated forward.
+                (= gamma/beta 0.3), lr 1e-6, max_length 512, optim --trl-optim (adamw_torch_fused), max_grad_norm 1,
+                sequential sampler, one process (HF Trainer + accelerate, no DeepSpeed). Padded concatenated forward.
   ours_direct : our step without Ray and DeepSpeed: the worker's code path (train/data.py tokenisation and
-                padding-free packing, train/objectives.run_micro_batch) + torch AdamW (clip 1.0) in this process.
+                padding-free packing, train/objectives.run_micro_batch) + the worker's torch AdamW (fused kernel,
+                clip 1.0) in this process.
                 The like-for-like comparison with TRL's single process.
   ours_ray    : the product path: selfalign_ray.train.train_model -> Ray Train TorchTrainer, 1 worker, DeepSpeed
                 ZeRO-3 (conf/deepspeed/zero3.yaml), Ray Data streaming the Parquet pairs. Step times come from
@@ -123,7 +124,7 @@ class Bench:
 
         cfg = CPOConfig(output_dir=str(self.tmp / "trl"), loss_type="simpo", cpo_alpha=0.0, beta=10.0,
                         simpo_gamma=3.0, learning_rate=1e-6, max_length=512, per_device_train_batch_size=a.batch,
-                        gradient_accumulation_steps=1, max_steps=self.n_steps, optim="adamw_torch",
+                        gradient_accumulation_steps=1, max_steps=self.n_steps, optim=a.trl_optim,
                         max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=0,
                         train_sampling_strategy="sequential", use_cpu=True, report_to="none",
                         save_strategy="no", logging_steps=10**6, dataloader_num_workers=0, seed=a.seed,
@@ -149,6 +150,7 @@ class Bench:
         from selfalign_ray.train.config import TrainConfig
         from selfalign_ray.train.data import collate, preference_examples
         from selfalign_ray.train.objectives import run_micro_batch
+        from selfalign_ray.train.worker import make_adamw
 
         a = self.args
         torch.set_num_threads(a.threads)
@@ -157,7 +159,7 @@ class Bench:
         tok = AutoTokenizer.from_pretrained(self.model_path)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         model = load_model(self.model_path)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+        opt = make_adamw(model.parameters(), cfg.learning_rate, 0.0)  # the worker's optimizer
         tokens, ends = [], []
         start = time.perf_counter()
         for s in range(self.n_steps):
@@ -217,6 +219,8 @@ def main() -> None:
     ap.add_argument("--variants", default="trl,ours_direct,ours_ray")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trl-path", default="/tmp/trl_pkg")
+    ap.add_argument("--trl-optim", default="adamw_torch_fused",
+                    help="HF Trainer optim for TRL; fused like ours by default, so the ratio is not an optimizer gap")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     sys.path.insert(0, args.trl_path)

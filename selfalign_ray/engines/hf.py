@@ -123,11 +123,17 @@ class HFEngine:
             mask[i, width - len(s):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _forward_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _forward_logits(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+        """Logits of the last `keep` positions, shape (batch, keep, vocab).
+
+        Only those rows go through the LM head (`logits_to_keep`): a judge reads 1 position of a
+        ~500-token prompt, and the full (batch, width, vocab) logits cost a vocab-sized matmul per
+        token plus gigabytes of memory traffic — with SmolLM2 most of the logprob judge's time."""
         # Left padding: positions must count real tokens only, or padded rows see shifted RoPE
         # positions and their log-probs differ from the same prompt scored alone.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+        return out.logits[:, -keep:, :].float()
 
     # --------------------------------------------------------------- generate
     @torch.inference_mode()
@@ -205,18 +211,20 @@ class HFEngine:
             # One forward pass per prompt: all single-token choices read off the last position.
             part = single[start:start + bs]
             ids, mask = self._left_pad([ctx for _, ctx, _ in part])
-            logits = self._forward_logits(ids, mask)[:, -1, :]
+            logits = self._forward_logits(ids, mask, keep=1)[:, -1, :]
             logp = torch.log_softmax(logits, dim=-1)
             for row, (i, _, toks) in enumerate(part):
                 results[i].logprobs = {c: float(logp[row, t]) for c, t in zip(choices, toks)}
         for i, split in multi:
             ids, mask = self._left_pad([c + t for c, t in split])
-            logp = torch.log_softmax(self._forward_logits(ids, mask), dim=-1)
-            width = ids.shape[1]
+            # Left padding: each choice's tokens end its row; token k of a choice of n tokens is
+            # predicted at position -(n + 1 - k), so the last max(n) + 1 positions cover them all.
+            keep = max(len(t) for _, t in split) + 1
+            logp = torch.log_softmax(self._forward_logits(ids, mask, keep=keep), dim=-1)
             scores = {}
             for row, (choice, (_, toks)) in enumerate(zip(choices, split)):
-                start_pos = width - len(toks)  # left padding: the choice tokens end the row
-                scores[choice] = float(sum(logp[row, start_pos + k - 1, t] for k, t in enumerate(toks)))
+                n = len(toks)
+                scores[choice] = float(sum(logp[row, keep - n - 1 + k, t] for k, t in enumerate(toks)))
             results[i].logprobs = scores
         return results
 

@@ -76,6 +76,21 @@ class MicroBatches:
             yield index, collate(examples, self.pad_id, cfg.padding_free)
 
 
+def make_adamw(params, lr: float, weight_decay: float):
+    """torch AdamW with the fused kernel where torch has one for the device (CPU and CUDA do).
+
+    Why: the default on CPU is the per-tensor Python loop. Under ZeRO-3 it steps one flat fp32 partition,
+    and py-spy of a Ray Train worker (bench/RESULTS.md, SmolLM2-135M) showed that loop at 26 % of the step;
+    the fused kernel does the same update ~6x faster (0.20 s vs 1.20 s for 135M parameters, 1 thread)."""
+    import torch
+
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def _configure_runtime(cfg: TrainConfig) -> None:
     import deepspeed
     import torch
@@ -126,7 +141,7 @@ def _build_engine(model_path: str, cfg: TrainConfig, ds_cfg: dict, plan: StepPla
         # Non-reentrant checkpointing is the variant that works with ZeRO-3's parameter hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # torch AdamW as a client optimizer: no C++/CUDA op to build; ZeRO-3 partitions its state.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_adamw(model.parameters(), cfg.learning_rate, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(cfg.lr_scheduler, plan.warmup_steps, plan.total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
