@@ -100,7 +100,8 @@ def logprob_details(df):
 
 
 def profile_judges(engine, pairs, judges) -> dict[str, str]:
-    """One untimed pass of each judge under torch.profiler; prints and returns the top ops by self CPU time.
+    """One untimed pass of each judge over one engine batch of pairs under torch.profiler; prints and returns the
+    top ops by self CPU time.
     What it answers: how much of a judge's time is the prompt's forward pass (shared by both judges) and how
     much the generative judge's decoding adds."""
     from torch.profiler import ProfilerActivity, profile

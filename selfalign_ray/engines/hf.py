@@ -133,6 +133,8 @@ class HFEngine:
         # positions and their log-probs differ from the same prompt scored alone.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+        # The slice is a no-op for models that honour logits_to_keep; one that takes it through **kwargs and
+        # ignores it returns every position, and the slice keeps the indexing right for it too.
         return out.logits[:, -keep:, :].float()
 
     # --------------------------------------------------------------- generate
