@@ -51,3 +51,74 @@ def test_default_presets_document_every_typed_field(cls, group):
     cfg = compose([])[group]
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in cfg]
     assert not missing, f"conf/{group}/ default preset lacks {missing}"
+
+
+GPU_TRAIN_PRESETS = ["sao_gemma2_9b_it", "sao_llama3_8b_instruct", "simpo_gemma2_9b_it", "simpo_llama3_8b_instruct", "sft"]
+
+
+def _hidden_config(tmp_path, hidden: int) -> str:
+    """A config.json-only model directory: all deepspeed_config reads is the hidden size."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=hidden, num_attention_heads=8, num_key_value_heads=8).save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("preset", GPU_TRAIN_PRESETS)
+def test_gpu_train_presets_compose_with_the_gpu_deepspeed_preset(preset, tmp_path):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from selfalign_ray.train.deepspeed_config import deepspeed_config
+
+    cfg = compose([f"train={preset}", "deepspeed=zero3_gpu"])
+    assert "deepspeed=zero3_gpu" in (Path(CONF_DIR) / "train" / f"{preset}.yaml").read_text()
+    train = typed(TrainConfig, cfg.train, "train")
+    ds = deepspeed_config(cfg.deepspeed, train, model_path=_hidden_config(tmp_path, 4096))
+    zero = ds["zero_optimization"]
+    # transformers' DeepSpeed "auto" conventions for hidden size 4096 (Llama-3-8B, Mistral-7B).
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (4096 ** 2, int(0.9 * 4096 ** 2), 40960)
+    assert zero["overlap_comm"] is True and ds["data_types"]["grad_accum_dtype"] == "fp32"
+    assert ds["bf16"]["enabled"] is True and ds["train_batch_size"] == train.global_batch_size
+    # DeepSpeed 0.19's own validation accepts the filled section as given ...
+    parsed = DeepSpeedZeroConfig(**zero)
+    assert parsed.overlap_comm and parsed.param_persistence_threshold == 40960
+    assert (parsed.reduce_bucket_size, parsed.prefetch_bucket_size) == (4096 ** 2, int(0.9 * 4096 ** 2))
+    # ... while an unfilled "auto" would silently become DeepSpeed's 5e8-element default bucket.
+    assert DeepSpeedZeroConfig(**{**zero, "reduce_bucket_size": "auto"}).reduce_bucket_size == 5 * 10 ** 8
+
+
+def test_gpu_deepspeed_preset_sizes_follow_the_model(tmp_path):
+    from selfalign_ray.train.deepspeed_config import deepspeed_config
+
+    cfg = compose(["train=sao_gemma2_9b_it", "deepspeed=zero3_gpu"])
+    train = typed(TrainConfig, cfg.train, "train")
+    gemma = deepspeed_config(cfg.deepspeed, train, model_path=_hidden_config(tmp_path, 3584))["zero_optimization"]
+    assert gemma["reduce_bucket_size"] == 3584 ** 2 and gemma["stage3_param_persistence_threshold"] == 35840
+    # The driver's early check has no model yet: the sizes stay "auto" for the trainer to fill.
+    assert deepspeed_config(cfg.deepspeed, train)["zero_optimization"]["reduce_bucket_size"] == "auto"
+    # An explicit number is kept; a bad one is named.
+    ds = deepspeed_config({**_plain(cfg.deepspeed), "zero_optimization": {"stage": 3, "reduce_bucket_size": 123}},
+                          train, model_path=str(tmp_path))
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 123
+    with pytest.raises(ConfigError, match="reduce_bucket_size"):
+        deepspeed_config({"zero_optimization": {"stage": 3, "reduce_bucket_size": "big"}}, train)
+    with pytest.raises(ConfigError, match="grad_accum_dtype"):
+        deepspeed_config({"zero_optimization": {"stage": 3}, "data_types": {"grad_accum_dtype": "fp8"}}, train)
+
+
+def test_cpu_deepspeed_preset_is_unchanged():
+    zero = compose([]).deepspeed.zero_optimization
+    assert (zero.overlap_comm, zero.stage3_param_persistence_threshold, zero.reduce_bucket_size) == (False, 0, 50000000)
+    assert "data_types" not in compose([]).deepspeed
+
+
+def test_mistral_preset_is_synpos_checkpoint():
+    # SynPO [S] §3.1 fn. 2 starts from alignment-handbook/zephyr-7b-sft-full (not HuggingFaceH4's sft-beta).
+    assert compose(["model=mistral_7b_sft"]).model.path == "alignment-handbook/zephyr-7b-sft-full"
+
+
+def _plain(node) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)

@@ -79,6 +79,8 @@ class SynpoConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sft: dict = field(default_factory=dict)
+    # Overrides of `sft` for the improver runs only (the paper: max length 8,000 generator, 6,000 improver).
+    improver_sft: dict = field(default_factory=dict)
     simpo: SimpoConfig = field(default_factory=SimpoConfig)
 
 
@@ -92,9 +94,10 @@ def synpo_config(mode_node) -> SynpoConfig:
     nested = {k: typed(cls, data.get(k) or {}, f"mode.{k}") for k, cls in _NESTED.items()}
     top = typed(SynpoConfig, {k: v for k, v in data.items() if k not in _NESTED}, "mode")
     cfg = dataclasses.replace(top, **nested)
-    unknown = sorted(set(cfg.sft) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown:
-        raise ConfigError(f"mode.sft: unknown key(s) {unknown}; it overrides fields of `train`")
+    for name, overrides in (("mode.sft", cfg.sft), ("mode.improver_sft", cfg.improver_sft)):
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ConfigError(f"{name}: unknown key(s) {unknown}; it overrides fields of `train`")
     positive(cfg.shard_size, "mode.shard_size")
     positive(cfg.keyword_lists, "mode.keyword_lists")
     if cfg.pairs_per_iteration is not None:

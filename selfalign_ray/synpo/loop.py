@@ -92,6 +92,7 @@ class SynpoRun:
         self.judge = resolve_model_path("hf", self.sc.filter.judge_model) if self.sc.filter.judge_model else self.base
         self.engine = typed(EngineConfig, cfg.engine, "engine")
         self.sft_cfg = sft_train_config(cfg.train, self.sc.sft)
+        self.improver_sft_cfg = sft_train_config(cfg.train, {**self.sc.sft, **self.sc.improver_sft})
         self.simpo_cfg = simpo_train_config(cfg.train, self.sc.simpo)
         self.deepspeed = to_dict(cfg.deepspeed)
         seeds, self.seed_report = load_seeds(self.sc.seeds)
@@ -103,6 +104,7 @@ class SynpoRun:
         _bind(self.work / "run.json", {
             "base_model": self.base, "judge_model": self.judge, "seed": self.seed, "mode": to_dict(self.cfg.mode),
             "sft": {k: v for k, v in asdict(self.sft_cfg).items() if k != "enabled"},
+            "improver_sft": {k: v for k, v in asdict(self.improver_sft_cfg).items() if k != "enabled"},
             "simpo": {k: v for k, v in asdict(self.simpo_cfg).items() if k != "enabled"},
             "seed_split": self.split.to_json(), "corpus": self.corpus.stats()["paragraphs"],
         })
@@ -136,7 +138,7 @@ class SynpoRun:
                 raise RuntimeError(f"iteration {iteration}: only {len(examples)} improver examples ({stats}); "
                                    "the improver needs at least 2 (see mode.improve.min_gold_gap)")
             data = write_sft(iter_dir / "improver_sft.parquet", examples)
-            trained = _sft(self.base, data, iter_dir / "improver", self.sft_cfg, self.deepspeed,
+            trained = _sft(self.base, data, iter_dir / "improver", self.improver_sft_cfg, self.deepspeed,
                            f"synpo-improver-iter{iteration}")
             return {**trained, "policy": policy, "data": stats}
 

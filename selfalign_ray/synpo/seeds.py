@@ -179,4 +179,9 @@ def split_seeds(seeds: list[Seed], cfg: SeedConfig, seed: int) -> SeedSplit:
     n_train = len(rest) if cfg.train_size is None else cfg.train_size
     if n_train < 2:
         raise ValueError(f"mode.seeds.train_size={cfg.train_size} must be >= 2 (or null for every seed)")
+    if n_train > len(rest):
+        # A recipe that asks for 18k seeds must not quietly train on the builtin 165.
+        raise ValueError(f"mode.seeds.train_size={n_train} but only {len(rest)} seeds remain after {n_held} held out "
+                         f"(source: {cfg.path or cfg.hf_dataset or 'builtin'}); give mode.seeds.path / hf_dataset "
+                         "or lower mode.seeds.train_size (null = every seed)")
     return SeedSplit(train=rest[:n_train], heldout=order[:n_held], unused=rest[n_train:])

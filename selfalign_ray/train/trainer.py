@@ -143,7 +143,7 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     columns = COLUMNS[objective]
     rows = _count_rows(train_files, columns)
     plan = StepPlan.build(rows, cfg)
-    ds_cfg = deepspeed_config(deepspeed_cfg, cfg)
+    ds_cfg = deepspeed_config(deepspeed_cfg, cfg, model_path=model_path)
     _check_cpu_budget(cfg)
     if plan.rows_left_out:
         log.warning("%d of %d rows are left out so that the %d workers get equal shares", plan.rows_left_out,
