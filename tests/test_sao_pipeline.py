@@ -51,6 +51,8 @@ def test_every_persona_ends_in_exactly_one_place(tmp_path, persona_file, ray_loc
     for t in read_dir(iter_dir / "rejects"):
         assert t.schema.equals(REJECT_SCHEMA)
     assert 0.0 <= manifest["judge_position_agreement"] <= 1.0
+    # The engine actor reports the attention its model ran (tiny Llama, CPU: sdpa; models/attention.py).
+    assert manifest["generation"]["engine_attention"] == [f"{report['base_model']}: sdpa"]
 
 
 def test_resume_regenerates_only_missing_chunks_without_duplicates(tmp_path, persona_file, ray_local):

@@ -27,6 +27,7 @@ from selfalign_ray.engines.templating import (
     render_prompt,
     too_long_error,
 )
+from selfalign_ray.models.attention import resolve_attention
 
 
 class _PerRowSampler:
@@ -101,7 +102,14 @@ class HFEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        # Soft-capped models (Gemma-2) never run SDPA; auto = flash-attention 2 on GPU when installed
+        # (selfalign_ray/models/attention.py). `engine.extra.attn_implementation` overrides; the choice is
+        # reported with every batch (generation/pool.py) and lands in the manifest.
+        self.attention = resolve_attention(model_path, (cfg.extra or {}).get("attn_implementation", "auto"),
+                                           use_gpu=self.device.type == "cuda",
+                                           where="engine.extra.attn_implementation")
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
+                                                          attn_implementation=self.attention.implementation)
         self.model.to(self.device).eval()
         self.eos_ids = self._eos_ids()
 

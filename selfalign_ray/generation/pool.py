@@ -22,6 +22,9 @@ from selfalign_ray.generation.rows import with_status_columns
 
 log = logging.getLogger(__name__)
 
+# Per-row note of the attention implementation(s) the pools' engines ran (see StageRunner._run_stages).
+ATTENTION_COLUMN = "engine_attention"
+
 
 @dataclass
 class PoolSpec:
@@ -64,6 +67,12 @@ class StageRunner:
             started = time.perf_counter()
             batch = stage(batch, self.engine)
             self.metrics.record(stage.name, status_before, batch, time.perf_counter() - started)
+        # Which attention this actor's model runs (hf: models/attention.py; vLLM: its own backend), per pool;
+        # the driver collects the distinct values into the manifest (generation/runner.py). Not a shard column.
+        attention = getattr(getattr(self.engine, "attention", None), "implementation", None) or "vllm_backend"
+        mine = f"{self.engine.model_path}: {attention}"
+        previous = batch[ATTENTION_COLUMN].iloc[0] if ATTENTION_COLUMN in batch and len(batch) else ""
+        batch[ATTENTION_COLUMN] = f"{previous}; {mine}" if previous and mine not in previous else (previous or mine)
         return batch
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from selfalign_ray.data.shards import ChunkStats, IterationStore
 from selfalign_ray.generation.metrics import PairMetrics
-from selfalign_ray.generation.pool import PoolSpec, apply_pool
+from selfalign_ray.generation.pool import ATTENTION_COLUMN, PoolSpec, apply_pool
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,10 @@ def run_generation(store: IterationStore, inputs: pd.DataFrame, pools: list[Pool
         outcomes = PairMetrics()  # kept/dropped by reason and judge agreement, as Ray metrics (dashboard)
         buffers: dict[int, list[pd.DataFrame]] = defaultdict(list)
         counts: dict[int, int] = defaultdict(int)
+        attention: set[str] = set()  # what the engines ran, as each actor reported it
         for out in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            if ATTENTION_COLUMN in out:
+                attention.update(str(v) for v in out[ATTENTION_COLUMN].unique())
             for chunk_id, rows in out.groupby("chunk_id"):
                 chunk_id = int(chunk_id)
                 buffers[chunk_id].append(rows)
@@ -77,6 +80,7 @@ def run_generation(store: IterationStore, inputs: pd.DataFrame, pools: list[Pool
     if not pending.empty:
         extra["generation"] = _throughput(store, {c: markers[c] for c in set(pending["chunk_id"])},
                                           time.time() - started)
+        extra["generation"]["engine_attention"] = sorted(attention)
     else:
         # Nothing left to do: keep the throughput of the run that did the work.
         old = store.read_manifest()

@@ -110,17 +110,16 @@ def _configure_runtime(cfg: TrainConfig) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
 
 
-def _attn_implementation(cfg: TrainConfig) -> str:
-    if cfg.attn_implementation != "auto":
-        return cfg.attn_implementation
-    if cfg.use_gpu:
-        try:
-            import flash_attn  # noqa: F401
+def _attn_implementation(model_path: str, cfg: TrainConfig) -> str:
+    """The attention kernel (selfalign_ray/models/attention.py: soft-capped models never run SDPA; auto on GPU
+    without flash-attn warns loudly and turns packing off). `cfg` is this worker's own copy: a packing
+    fallback lands in cfg.padding_free before the data iterator reads it."""
+    from selfalign_ray.models.attention import resolve_attention
 
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+    choice = resolve_attention(model_path, cfg.attn_implementation, use_gpu=cfg.use_gpu,
+                               padding_free=cfg.padding_free, where="train.attn_implementation")
+    cfg.padding_free = choice.padding_free
+    return choice.implementation
 
 
 def _build_engine(model_path: str, cfg: TrainConfig, ds_cfg: dict, plan: StepPlan):
@@ -136,7 +135,7 @@ def _build_engine(model_path: str, cfg: TrainConfig, ds_cfg: dict, plan: StepPla
     hf_ds = HfDeepSpeedConfig(ds_cfg)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-        attn_implementation=_attn_implementation(cfg))
+        attn_implementation=_attn_implementation(model_path, cfg))
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing is the variant that works with ZeRO-3's parameter hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -320,6 +319,8 @@ def train_worker(config: dict) -> None:
             "mean_tokens_per_s": progress.tokens / max(progress.train_s, 1e-9),
             "restored_from_step": restored_from_step,
             "zero3_partition_rank0": partition,
+            # What the model really ran (models/attention.py) and whether micro-batches were packed.
+            "attn_implementation": engine.module.config._attn_implementation, "padding_free": cfg.padding_free,
         }
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     ray.train.report({"step": progress.step, "done": 1})
