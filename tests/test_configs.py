@@ -122,3 +122,42 @@ def _plain(node) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(node, resolve=True)
+
+
+def test_vllm_presets_are_sized_for_their_device():
+    gpu = compose(["engine=vllm"]).engine
+    # Continuous batching needs calls of hundreds of prompts (vLLM's max_num_seqs is 256-1024 on GPUs).
+    assert gpu.batch_size >= 256 and gpu.num_gpus_per_actor >= 1
+    assert gpu.extra.enable_prefix_caching is True
+    cpu = compose(["engine=vllm_cpu"]).engine
+    assert cpu.batch_size <= 64 and cpu.num_gpus_per_actor == 0
+
+
+@pytest.mark.vllm
+def test_vllm_engine_passes_prefix_caching_through(monkeypatch, tiny_model_path):
+    """The preset's engine.extra reaches vllm.LLM (a stand-in LLM records the keyword arguments)."""
+    import torch
+
+    vllm = pytest.importorskip("vllm")
+    from selfalign_ray.engines.vllm import VLLMEngine
+
+    seen = {}
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setattr(vllm, "LLM", RecordingLLM)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cfg = typed(EngineConfig, compose(["engine=vllm_cpu", f"engine.torch_threads={torch.get_num_threads()}",
+                                       "engine.extra.enable_prefix_caching=false"]).engine, "engine")
+    VLLMEngine(tiny_model_path, cfg)
+    assert seen["enable_prefix_caching"] is False  # the preset's value wins over the engine's own default
+    seen.clear()
+    VLLMEngine(tiny_model_path, typed(EngineConfig, compose(["engine=vllm_cpu",
+               f"engine.torch_threads={torch.get_num_threads()}"]).engine, "engine"))
+    assert seen["enable_prefix_caching"] is True
