@@ -189,3 +189,21 @@ def test_cfg_job_prints_the_composed_experiment():
     assert printed["iterations"] == 4 and printed["mode"]["pairs_per_iteration"] == 10000
     assert printed["mode"]["improver_sft"]["max_length"] == 6000 and printed["train"]["beta"] == 2.0
     assert printed["model"]["path"] == "princeton-nlp/Llama-3-Base-8B-SFT"
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_experiment_deepspeed_config_is_filled_for_the_model(name, tmp_path):
+    """The GPU preset's "auto" sizes are filled from the model's hidden size (Gemma-2-9B: 3584; the rest: 4096)."""
+    from transformers import LlamaConfig
+
+    hidden = 3584 if "gemma" in name else 4096
+    LlamaConfig(hidden_size=hidden, num_attention_heads=8, num_key_value_heads=8).save_pretrained(tmp_path)
+    cfg = _compose(name)
+    train = typed(TrainConfig, cfg.train, "train")
+    ds = deepspeed_config(cfg.deepspeed, train, model_path=str(tmp_path))
+    zero = ds["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (hidden ** 2, int(0.9 * hidden ** 2), 10 * hidden)
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32" and zero["overlap_comm"] is True
+    assert ds["train_batch_size"] == 128 and ds["gradient_accumulation_steps"] == 128 // (1 * 4)
+    assert ds["bf16"]["enabled"] is True
