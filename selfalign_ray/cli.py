@@ -3,6 +3,11 @@
     selfalign-ray                                   # SAO on the embedded SmolLM2-135M, CPU, defaults
     selfalign-ray mode=sao model=tiny_random dataset_size=16 train.enabled=false output_dir=/tmp/x
     selfalign-ray -m dataset_size=16,32 iterations=1,2
+
+Errors in what the user gave (a setting, an input file, a model path, a resource request the cluster can never
+grant, an output dir holding another run) print one line naming it and exit with status 2; set
+HYDRA_FULL_ERROR=1 to get the traceback instead (Hydra's own switch, which also shows Hydra's full traces).
+Anything else is a bug or an infrastructure failure and keeps its traceback (exit status 1).
 """
 
 from __future__ import annotations
@@ -45,6 +50,24 @@ def _print_summary(report: dict) -> None:
                       f"mean margin {before['mean_margin']:.4f} -> {after['mean_margin']:.4f} (training pairs)")
 
 
+# Exit status for errors in the user's settings or inputs (argparse's convention).
+USAGE_ERROR = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from selfalign_ray.config import ConfigError
+    from selfalign_ray.data.inputs import InputFileError
+    from selfalign_ray.data.shards import ResumeMismatchError
+    from selfalign_ray.models.resolve import ModelNotFoundError
+
+    # ConfigError covers the pre-flight refusals (preflight.PreflightError).
+    return ConfigError, InputFileError, ModelNotFoundError, ResumeMismatchError
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def _run(cfg: DictConfig) -> dict:
     from selfalign_ray.loop import run
 
@@ -60,7 +83,14 @@ def _main(cfg: DictConfig):
     if in_multirun():
         # Own output dir per job; a failure is recorded and the sweep goes on (selfalign_ray/report/sweep.py).
         return run_job(cfg, _run)
-    _run(cfg)
+    try:
+        _run(cfg)
+    except _user_errors() as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # SystemExit passes through Hydra's error handler (it catches Exception only).
+        print(f"selfalign-ray: error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
 
 
 def main() -> None:

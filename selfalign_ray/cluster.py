@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from selfalign_ray.config import ConfigError
@@ -68,8 +69,19 @@ def apply_output_dir(cfg) -> Path:
     return out
 
 
+# Ray's raylet kills the processes a dead worker leaves behind (Linux). vLLM's engine core runs in a child process
+# of its actor and does not watch its parent: without this an engine actor killed by OOM or `ray job stop` leaves
+# the engine core holding its GPU memory. The embedded cluster gets it here; `ray start` lines set it themselves
+# (cluster/ray_up_gpu.yaml, cluster/kuberay_raycluster.yaml).
+REAPER_ENV = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
+
+
 def init_ray(cluster) -> None:
-    """Start (local) or join (remote) Ray once per process."""
+    """Start (local) or join (remote) Ray once per process.
+
+    cluster=local may declare logical GPUs (`cluster.num_gpus=8`): Ray then schedules GPU actors, placement
+    groups and train workers exactly as on an 8-GPU node, which is how the GPU layouts are tested on CPU.
+    """
     import ray
 
     if ray.is_initialized():
@@ -78,8 +90,11 @@ def init_ray(cluster) -> None:
     if not cluster.address:
         # An embedded local cluster: budget CPUs explicitly (null = all cores of this machine).
         kwargs.update(num_cpus=cluster.num_cpus, include_dashboard=cluster.include_dashboard)
+        if cluster.get("num_gpus") is not None:
+            kwargs["num_gpus"] = cluster.num_gpus
         if cluster.include_dashboard:
             kwargs["dashboard_port"] = cluster.dashboard_port
+        os.environ.setdefault(REAPER_ENV, "true")  # the raylet started below inherits it
         ray.init(**kwargs)
         return
     try:
@@ -90,3 +105,36 @@ def init_ray(cluster) -> None:
         if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
             raise ConnectionError(f"{e}\n{AUTH_HINT}") from e
         raise
+
+
+def free_gpus() -> float:
+    """GPUs no task, actor or placement group holds right now."""
+    import ray
+
+    return float(ray.available_resources().get("GPU", 0.0))
+
+
+def wait_for_gpus(expected_free: float, what: str, timeout_s: float = 60.0, poll_s: float = 0.5) -> float:
+    """Wait until at least `expected_free` GPUs are free again (the actors of a finished stage exit
+    asynchronously); raise if they are still held after `timeout_s`. Returns the free count.
+
+    The next stage (training, the next pool) would otherwise wait forever for GPUs nobody will give back.
+    """
+    import ray
+
+    total = float(ray.cluster_resources().get("GPU", 0.0))
+    if total == 0:
+        return 0.0
+    deadline = time.monotonic() + timeout_s
+    free = free_gpus()
+    while free + 1e-6 < expected_free and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        free = free_gpus()
+    if free + 1e-6 < expected_free:
+        raise RuntimeError(
+            f"{what}: {expected_free - free:g} GPU(s) are still reserved {timeout_s:g} s after it finished "
+            f"({free:g} of {total:g} free, {expected_free:g} were free before it started). The next stage would "
+            "wait forever for them: look for live engine actors or placement groups (`ray list actors`, "
+            "`ray list placement-groups`).")
+    log.info("%s released its GPUs: %g of %g free", what, free, total)
+    return free

@@ -13,9 +13,13 @@ import logging
 import time
 from pathlib import Path
 
+# Local vs remote Ray (and the token-authentication hint); the resource pre-flight. Module names, so that tests
+# can replace them.
+from selfalign_ray.cluster import init_ray
 from selfalign_ray.config import positive, to_dict
 from selfalign_ray.data.shards import atomic_write_json
 from selfalign_ray.models.resolve import resolve_model_path
+from selfalign_ray.preflight import check_run as preflight
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +29,6 @@ def _generator(mode_name: str):
 
         return generate_sao
     raise ValueError(f"mode.name={mode_name!r} is not implemented (known: sao)")
-
-
-def init_ray(cluster) -> None:
-    # Local vs remote Ray, and the token-authentication hint: selfalign_ray/cluster.py.
-    from selfalign_ray.cluster import init_ray as _init_ray
-
-    _init_ray(cluster)
 
 
 def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_dir: Path) -> dict:
@@ -61,7 +58,6 @@ def run(cfg) -> dict:
         return run_synpo(cfg)
     started = time.time()
     out = Path(cfg.output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     iterations = positive(cfg.iterations, "iterations")
     positive(cfg.dataset_size, "dataset_size")
     if cfg.train.enabled:
@@ -72,6 +68,9 @@ def run(cfg) -> dict:
         deepspeed_config(to_dict(cfg.deepspeed), as_train_config(cfg.train))
     base_model = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
     init_ray(cfg.cluster)
+    # What every stage asks for against what the cluster has or can scale to: refused now, not waited on forever.
+    preflight(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     generate = _generator(cfg.mode.name)
     current = base_model
     report = {"output_dir": str(out), "mode": cfg.mode.name, "base_model": base_model, "iterations": []}

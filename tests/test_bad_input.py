@@ -217,6 +217,7 @@ def test_bad_configs_fail_before_ray_and_before_any_output(tmp_path, persona_fil
         raise AssertionError("the bad setting got past validation: Ray was started")
 
     monkeypatch.setattr(loop, "init_ray", lambda cluster: None)  # generation validates before using Ray
+    monkeypatch.setattr(loop, "preflight", lambda cfg: None)  # (it asks Ray for the cluster's resources)
     _replace_run_generation(monkeypatch, no_ray)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     places = {"missing": tmp_path / "nope.jsonl", **_model_dirs(tmp_path)}
@@ -254,6 +255,7 @@ def test_a_refused_setting_does_not_poison_the_output_dir(tmp_path, persona_file
         raise Reached
 
     monkeypatch.setattr(loop, "init_ray", lambda cluster: None)
+    monkeypatch.setattr(loop, "preflight", lambda cfg: None)
     _replace_run_generation(monkeypatch, reached)
     base = ["model=tiny_random", f"personas.path={persona_file}", f"output_dir={tmp_path / 'run'}", "dataset_size=4",
             "train.enabled=false"]

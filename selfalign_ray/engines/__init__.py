@@ -8,7 +8,8 @@ from selfalign_ray.engines.base import (
     SamplingSpec,
     request_seed,
 )
-from selfalign_ray.engines.factory import EngineConfig, make_engine
+from selfalign_ray.engines.config import EngineConfig
+from selfalign_ray.engines.factory import make_engine
 
 __all__ = [
     "ChoiceScores",

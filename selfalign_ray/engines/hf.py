@@ -20,7 +20,7 @@ from selfalign_ray.engines.base import (
     SamplingSpec,
     request_seed,
 )
-from selfalign_ray.engines.factory import EngineConfig
+from selfalign_ray.engines.config import EngineConfig
 from selfalign_ray.engines.templating import (
     encode,
     plan_choice_scoring,

@@ -23,7 +23,8 @@ Processes inside a Ray actor (what makes vLLM work there; set here, not by the c
 
 Tensor parallel (GPU, tensor_parallel_size > 1): `distributed_executor_backend="ray"`. vLLM 0.32
 uses RayExecutorV2: one worker actor per rank with `num_cpus=0, num_gpus=VLLM_RAY_PER_WORKER_GPUS`
-(default 1), each pinned to a bundle of the placement group that vLLM reads from the calling actor
+(default 1; `_prepare_process` sets it to the bundle's share, engine.num_gpus_per_actor), each
+pinned to a bundle of the placement group that vLLM reads from the calling actor
 (`ray.util.get_current_placement_group()`, captured in `EngineArgs.create_engine_config` and passed
 to the engine-core child). So the actor needs `num_gpus=0` and
 `scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)`
@@ -55,7 +56,7 @@ from selfalign_ray.engines.base import (
     GenerationResult,
     SamplingSpec,
 )
-from selfalign_ray.engines.factory import EngineConfig
+from selfalign_ray.engines.config import EngineConfig
 from selfalign_ray.engines.templating import (
     encode,
     plan_choice_scoring,
@@ -79,6 +80,12 @@ def _prepare_process(cfg: EngineConfig, on_cpu: bool) -> None:
 
     if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
         os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    if cfg.tensor_parallel_size > 1:
+        # Each TP worker asks Ray for VLLM_RAY_PER_WORKER_GPUS GPUs (vllm/envs.py, default 1.0; read by
+        # RayExecutorV2._get_actor_resource_kwargs in the engine-core child, which inherits this env). The pool's
+        # bundles hold num_gpus_per_actor GPUs each (generation/pool.py): with the default 1.0 a worker could
+        # never fit a fractional bundle, and would wait forever. Assigned, not setdefault: the bundle decides.
+        os.environ["VLLM_RAY_PER_WORKER_GPUS"] = str(float(cfg.num_gpus_per_actor))
 
 
 class VLLMEngine:
@@ -208,3 +215,8 @@ class VLLMEngine:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+    # Orphans: the pool calls close() when Ray Data shuts an actor down (generation/pool.py StageRunner.__del__).
+    # An actor killed hard (OOM, `ray job stop`) never gets there, and vLLM 0.32's engine-core process does not
+    # watch its parent (only its own workers watch the engine core, through a death pipe): the raylet's
+    # child-process reaper ends it (cluster.REAPER_ENV, set for the embedded cluster and in cluster/ start lines).

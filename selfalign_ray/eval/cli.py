@@ -20,7 +20,7 @@ from selfalign_ray.cli import CONF_DIR
 def run_eval(cfg: DictConfig) -> dict:
     from selfalign_ray.cluster import init_ray
     from selfalign_ray.config import typed
-    from selfalign_ray.engines.factory import EngineConfig
+    from selfalign_ray.engines.config import EngineConfig
     from selfalign_ray.eval.data import resolve_model
     from selfalign_ray.eval.run import EvalSettings, evaluate
 

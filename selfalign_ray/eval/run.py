@@ -22,7 +22,7 @@ import pandas as pd
 
 from selfalign_ray.data.shards import atomic_write_json
 from selfalign_ray.engines.base import SamplingSpec
-from selfalign_ray.engines.factory import EngineConfig
+from selfalign_ray.engines.config import EngineConfig
 from selfalign_ray.eval.data import PromptsConfig, alpaca_outputs, load_prompts
 from selfalign_ray.eval.stages import AnswerStage, PairwiseJudgeStage
 from selfalign_ray.eval.winrate import win_rate
@@ -62,7 +62,7 @@ class EvalSettings:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     judge: JudgeSettings = field(default_factory=JudgeSettings)
     ci: CISettings = field(default_factory=CISettings)
-    pool_resources: str = "split"
+    pool_resources: str = "auto"
 
     @classmethod
     def from_cfg(cls, node, where: str = "eval") -> "EvalSettings":
@@ -76,7 +76,7 @@ class EvalSettings:
                    sampling=typed(SamplingSettings, d.get("sampling", {}), f"{where}.sampling"),
                    judge=typed(JudgeSettings, d.get("judge", {}), f"{where}.judge"),
                    ci=typed(CISettings, d.get("ci", {}), f"{where}.ci"),
-                   pool_resources=d.get("pool_resources", "split"))
+                   pool_resources=d.get("pool_resources", "auto"))
 
 
 def _mean(values) -> float | None:
@@ -105,7 +105,7 @@ def evaluate(*, model_a: str, name_a: str, model_b: str | None, name_b: str | No
                          "iteration": iteration, "mode": "eval"})
     log.info("evaluation: %d prompts, A=%s%s", len(prompts), model_a,
              f", B={model_b}, judge={judge} ({settings.judge.kind}, both orders)" if model_b else "")
-    out = run_rows(rows, build_chain(steps, engine, settings.pool_resources))
+    out = run_rows(rows, build_chain(steps, engine, settings.pool_resources), "evaluation")
     result = {"model_a": model_a, "name_a": name_a, "prompts": len(prompts), "dataset": prompts[0]["dataset"],
               "mean_tokens_a": _mean(out["a_tokens"]), "files": {}}
     atomic_write_json(out_dir / "model_outputs.json", alpaca_outputs(prompts, list(out["a_text"]), name_a))

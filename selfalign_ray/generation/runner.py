@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from selfalign_ray.data.shards import ChunkStats, IterationStore
 from selfalign_ray.generation.metrics import PairMetrics
-from selfalign_ray.generation.pool import ATTENTION_COLUMN, PoolSpec, apply_pool
+from selfalign_ray.generation.pool import ATTENTION_COLUMN, PoolSpec, PoolStream
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,16 @@ def assign_chunks(inputs: pd.DataFrame, shard_size: int) -> pd.DataFrame:
 
 def run_generation(store: IterationStore, inputs: pd.DataFrame, pools: list[PoolSpec],
                    assemble: Assembler, manifest_extra: dict) -> dict:
-    """Generate every chunk of `inputs` not yet committed in `store`; return the manifest."""
+    """Generate every chunk of `inputs` not yet committed in `store`; return the manifest.
+
+    The pools' placement groups are removed when generation ends or fails, and the GPUs they held are
+    checked free before this returns (training comes next; generation/pool.py PoolStream)."""
+    with PoolStream("generation") as stream:
+        return _run_generation(stream, store, inputs, pools, assemble, manifest_extra)
+
+
+def _run_generation(stream: PoolStream, store: IterationStore, inputs: pd.DataFrame, pools: list[PoolSpec],
+                    assemble: Assembler, manifest_extra: dict) -> dict:
     import ray
 
     markers = store.committed()
@@ -51,13 +60,11 @@ def run_generation(store: IterationStore, inputs: pd.DataFrame, pools: list[Pool
         batch = max(1, min(p.engine.batch_size for p in pools))
         blocks = [pending.iloc[i:i + batch] for i in range(0, len(pending), batch)]
         ds = ray.data.from_pandas(blocks)
-        for pool in pools:
-            ds = apply_pool(ds, pool)
         outcomes = PairMetrics()  # kept/dropped by reason and judge agreement, as Ray metrics (dashboard)
         buffers: dict[int, list[pd.DataFrame]] = defaultdict(list)
         counts: dict[int, int] = defaultdict(int)
         attention: set[str] = set()  # what the engines ran, as each actor reported it
-        for out in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        for out in stream.batches(ds, pools):
             if ATTENTION_COLUMN in out:
                 attention.update(str(v) for v in out[ATTENTION_COLUMN].unique())
             for chunk_id, rows in out.groupby("chunk_id"):

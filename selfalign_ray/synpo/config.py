@@ -70,7 +70,7 @@ class SynpoConfig:
     init_from: str = "base"
     keyword_lists: int = 16
     pairs_per_iteration: int | None = None
-    pool_resources: str = "split"
+    pool_resources: str = "auto"
     seeds: SeedConfig = field(default_factory=SeedConfig)
     keywords: KeywordsConfig = field(default_factory=KeywordsConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from selfalign_ray.config import positive, to_dict, typed
 from selfalign_ray.data.shards import ResumeMismatchError, atomic_write_json
-from selfalign_ray.engines.factory import EngineConfig
+from selfalign_ray.engines.config import EngineConfig
 from selfalign_ray.models.resolve import resolve_model_path
 from selfalign_ray.synpo.config import (
     SynpoConfig,
@@ -202,14 +202,17 @@ class SynpoRun:
 
 
 def run_synpo(cfg) -> dict:
-    from selfalign_ray.loop import init_ray
+    from selfalign_ray.cluster import init_ray
+    from selfalign_ray.preflight import check_run
 
     started = time.time()
     iterations = positive(cfg.iterations, "iterations")
     run = SynpoRun(cfg)
+    init_ray(cfg.cluster)
+    # Every stage's resources against the cluster, before run.json binds the output dir.
+    check_run(cfg)
     run.bind()
     atomic_write_json(run.work / "seeds.json", {**run.split.to_json(), "input_errors": run.seed_report.to_json()})
-    init_ray(cfg.cluster)
     report = {"output_dir": str(run.out), "mode": "synpo", "base_model": run.base, "iterations": []}
     generator = run.generator()
     report["generator"] = {"model": generator["model_dir"], "examples": generator["examples"],

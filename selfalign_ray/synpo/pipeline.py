@@ -11,7 +11,7 @@ import pandas as pd
 
 from selfalign_ray.data.schema import prompt_id
 from selfalign_ray.data.shards import IterationStore
-from selfalign_ray.engines.factory import EngineConfig
+from selfalign_ray.engines.config import EngineConfig
 from selfalign_ray.generation.assemble import PairAssembler
 from selfalign_ray.generation.rows import drop
 from selfalign_ray.generation.runner import assign_chunks, run_generation

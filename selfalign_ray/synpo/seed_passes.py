@@ -7,7 +7,7 @@ from collections import Counter
 
 import pandas as pd
 
-from selfalign_ray.engines.factory import EngineConfig
+from selfalign_ray.engines.config import EngineConfig
 from selfalign_ray.synpo.chain import build_chain, run_rows
 from selfalign_ray.synpo.config import SynpoConfig
 from selfalign_ray.synpo.seeds import Seed

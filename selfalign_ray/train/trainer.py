@@ -77,15 +77,20 @@ def _count_rows(files: list[str], columns: list[str]) -> int:
 
 
 def _check_cpu_budget(cfg: TrainConfig) -> None:
-    """Workers must leave a CPU for Ray Data's read tasks, or the input pipeline waits forever."""
-    import ray
+    """The workers (+ one CPU Ray Data's read tasks need, or the input pipeline waits forever) against what
+    the cluster has or its autoscaler can add (selfalign_ray/preflight.py): GPU nodes of an autoscaling
+    cluster that are not up yet are no reason to refuse."""
+    from selfalign_ray.preflight import check, read_capacity, train_ask
 
-    total = ray.cluster_resources().get("CPU", 0)
-    reserved = cfg.num_workers * cfg.cpus_per_worker
-    if total - reserved < 1:
-        raise ConfigError(f"train.num_workers x train.cpus_per_worker = {reserved:g} of the cluster's {total:g} "
-                          "CPUs leaves less than one CPU for Ray Data to read the shards (training would wait "
-                          "forever); lower train.cpus_per_worker (fractions are fine)")
+    capacity = read_capacity()
+    ask = train_ask("training", cfg)
+    total = capacity.limit.get("CPU")
+    if total is not None and total - cfg.num_workers * cfg.cpus_per_worker < 1:
+        raise ConfigError(f"train.num_workers x train.cpus_per_worker = {cfg.num_workers * cfg.cpus_per_worker:g} "
+                          f"of the cluster's {total:g} CPUs leaves less than one CPU for Ray Data to read the shards "
+                          "(training would wait forever); lower train.cpus_per_worker (fractions are fine)")
+    for warning in check([ask], capacity):
+        log.warning("%s", warning)
 
 
 def _prepare_storage(storage: Path, out: Path, fingerprint: dict) -> bool:

@@ -1,0 +1,46 @@
+"""`EngineConfig`: the `engine` config group (conf/engine/*.yaml), beside the engine interface (base.py).
+
+The engines import it; the factory (factory.py) imports the engines: imports flow one way, down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class EngineConfig:
+    """Mirrors conf/engine/*.yaml. Fields that one engine does not use are ignored by it."""
+
+    kind: str = "hf"
+    # Actors in the map_batches pool and rows per batch handed to one actor call.
+    num_actors: int = 1
+    batch_size: int = 16
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    # "auto": bfloat16 on GPU, float32 on CPU.
+    dtype: str = "auto"
+    # Prompt + completion budget in tokens; longer prompts fail per row with a counted error.
+    max_model_len: int = 2048
+    tensor_parallel_size: int = 1
+    # vLLM only.
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = False
+    cpu_kvcache_space_gb: int = 4
+    # hf only: torch intra-op threads on CPU (null = num_cpus_per_actor). Ray pins actors to
+    # OMP_NUM_THREADS=1, which would leave cores idle while the driver just waits.
+    torch_threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # Checked where the config is built (the driver), not after an actor has loaded a model.
+        from selfalign_ray.config import ConfigError
+
+        for name in ("num_actors", "batch_size", "max_model_len", "tensor_parallel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"engine.{name} must be a positive integer, got {value!r}")
+        if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
+            raise ConfigError(f"engine.num_cpus_per_actor ({self.num_cpus_per_actor}) and engine.num_gpus_per_actor "
+                              f"({self.num_gpus_per_actor}) must be >= 0")
