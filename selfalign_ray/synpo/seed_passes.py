@@ -28,12 +28,15 @@ def improver_training_data(seeds: list[Seed], policy: str, judge: str, sc: Synpo
     """π_{t-1} answers the training seeds; each (seed prompt, answer) -> gold answer is an improver example.
 
     With mode.improve.min_gold_gap set, a seed is kept only if the judge prefers the gold answer by that gap
-    (paper App. C.2: the improver must learn improvements, not to make answers worse). mode.truncation applies
-    to the answers: with drop, a seed whose answer was cut gives no example (truncated_seed_response), so the
-    improver learns on complete answers, as it will see in the pair generation.
+    (paper App. C.2: the improver must learn improvements, not to make answers worse).
+
+    Cut answers are kept whatever mode.truncation says: the answer is the improver's input, never its training
+    target (that is the gold answer), and learning to turn a cut answer into the gold one does no harm. Dropping
+    them would leave the improver without examples when answers run long (SmolLM2 at CPU token limits).
+    Their number is in the stats (answers_cut).
     """
     steps = [("policy", policy, [AnswerStage(sc.respond.sampling(), seed, ("policy",), name="seed_respond",
-                                             truncation=sc.truncation, cut_reason="truncated_seed_response")])]
+                                             truncation=TRUNCATION_KEEP)])]
     if sc.improve.min_gold_gap is not None:
         steps.append(("judge", judge, [PreferenceStage(sc.improve.min_gold_gap, "gold", "policy", name="gold_judge")]))
     out = run_rows(_seed_rows(seeds, iteration, "seed"), build_chain(steps, engine, sc.pool_resources))
