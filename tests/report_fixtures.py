@@ -49,7 +49,10 @@ def make_run(out: Path, iterations: int = 2, with_eval: bool = True, summary: bo
                     "tokens_per_s": 100.0} for s in (1, 2, 3)]
         (d / "model" / "train_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         m = {"mode": mode, "iteration": k, "inputs": 7, "prompts_kept": 4, "pairs_kept": 3,
-             "drops": {"duplicate_prompt": 1, "below_confidence": 2 + k, "too_short": 1},
+             "drops": {"duplicate_prompt": 1, "below_confidence": 2 + k, "too_short": 1, "truncated_response": k},
+             "truncation": "drop",
+             "cut": {"instruct": {"completions": 7, "length": k, "rate": k / 7},
+                     "respond": {"completions": 12, "length": 3 * k, "rate": 3 * k / 12}},
              "judge": "logprob", "judged_pairs": 6, "judge_position_agreement": 0.25 * k,
              "prompt_repetition_rate": 0.25, "yield": 3 / 7,
              "shards": [{"file": str(d / "shards" / "part-00000.parquet"), "rows": 3}],

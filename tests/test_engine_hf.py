@@ -61,6 +61,22 @@ def test_too_long_prompt_is_a_row_error_not_a_crash(engine):
     assert scores[0].error.startswith("prompt_too_long")
 
 
+def test_new_tokens_fit_the_context_window(engine):
+    # engine.max_model_len=256: a prompt of P tokens leaves 256 - P new tokens, however large max_tokens is,
+    # and a completion stopped by that cap is "length". The short prompt in the same call keeps max_tokens.
+    long_chat = [{"role": "user", "content": "word " * 60}]
+    n_prompt = len(encode(engine.tokenizer, render_prompt(engine.tokenizer, long_chat)))
+    room = 256 - n_prompt
+    assert 0 < room < 100, n_prompt
+    spec = SamplingSpec(n=2, temperature=1.0, max_tokens=100, ignore_eos=True)
+    cut, short = engine.generate([long_chat, CHATS[0]], spec, seeds=[3, 4])
+    assert [(c.num_tokens, c.finish_reason) for c in cut.completions] == [(room, "length")] * 2
+    assert [c.num_tokens for c in short.completions] == [100, 100]
+    # The same rows generated alone: grouping by cap does not change a seeded row's text.
+    alone = engine.generate([long_chat], spec, seeds=[3])[0]
+    assert [c.text for c in alone.completions] == [c.text for c in cut.completions]
+
+
 def _reference_logprob(engine, chat, prefix, choice):
     """Sum of log P(token) over the tokens that the joint tokenisation adds beyond the context."""
     ctx = encode(engine.tokenizer, render_prompt(engine.tokenizer, chat) + prefix)

@@ -60,3 +60,22 @@ def test_generative_unparsable_is_counted_never_guessed():
     assert half.p_a == 0.0 and half.confidence == 0.5 and half.orders_agree is None
     assert decide(half, JudgeConfig(kind="generative", min_confidence=1.0, require_agreement=False))[1] == "below_confidence"
     assert decide(half, JudgeConfig(kind="generative", min_confidence=0.5, require_agreement=False)) == (False, None)
+
+
+def test_one_unparsable_order_is_not_a_disagreement():
+    # With require_agreement a pair judged by one order only cannot agree; the reason says why (the failing
+    # order's parse error), not orders_disagree.
+    half = generative_verdict("ranking: 2 > 1", "no idea")
+    strict = JudgeConfig(kind="generative", min_confidence=0.5, require_agreement=True)
+    assert decide(half, strict) == (None, "one_order_unparsable:no_ranking")
+    other = generative_verdict("ranking: 1 > 1", "ranking: 1 > 2")
+    assert decide(other, strict) == (None, "one_order_unparsable:repeated_option")
+    # Two parsed, opposite votes still are a disagreement.
+    assert decide(generative_verdict("ranking: 1 > 2", "ranking: 1 > 2"), strict)[1] == "orders_disagree"
+
+
+def test_require_agreement_needs_both_orders():
+    from selfalign_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="both_orders"):
+        JudgeConfig(require_agreement=True, both_orders=False)

@@ -42,6 +42,9 @@ def test_report_plots_and_manifest_numbers(tmp_path, mode):
         assert f"{m['train']['summary']['after']['preference_accuracy']:.3f}" in md
         assert f"| {m['eval_vs_base']['win_rate']:.3f} |" in md
         assert "| 50.0 | 300.0 | 60.0 | 123.4 |" in md                              # tokens/s by stage
+    # Cut rate per stage: instruct k of 7, respond 3k of 12; k rows dropped as truncated_response.
+    assert "| iteration | truncation | rows dropped as truncated | instruct | respond |" in md
+    assert "| 1 | drop | 1 | 1/7 (0.143) | 3/12 (0.250) |" in md and "| 2 | drop | 2 | 2/7 (0.286) | 6/12 (0.500) |" in md
     # chosen 10, 11, 12 tokens vs rejected 5, 6, 7: means 11 and 6, chosen always longer
     assert "| 1 | 3 | 11.0 | 11.0 | 6.000 | 6.000 | 1.000 |" in md
 

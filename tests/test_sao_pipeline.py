@@ -53,6 +53,22 @@ def test_every_persona_ends_in_exactly_one_place(tmp_path, persona_file, ray_loc
     assert 0.0 <= manifest["judge_position_agreement"] <= 1.0
     # The engine actor reports the attention its model ran (tiny Llama, CPU: sdpa; models/attention.py).
     assert manifest["generation"]["engine_attention"] == [f"{report['base_model']}: sdpa"]
+    # tiny_random never stops on its own: its preset keeps cut texts (keep_without_eos), marked in the shards.
+    assert manifest["truncation"] == "keep_without_eos" and manifest["cut"]["instruct"]["rate"] == 1.0
+    marks = {m for t in read_dir(iter_dir / "shards") for col in ("prompt_finish_reason", "chosen_finish_reason",
+                                                                   "rejected_finish_reason")
+             for m in t.column(col).to_pylist()}
+    assert marks == {"length"}
+
+
+def test_truncation_drop_sends_every_cut_prompt_to_rejects(tmp_path, persona_file, ray_local):
+    run(sao_cfg(tmp_path / "run", persona_file, "mode.truncation=drop"))
+    iter_dir = tmp_path / "run" / "iter_1"
+    manifest = json.loads((iter_dir / "manifest.json").read_text())
+    assert manifest["pairs_kept"] == 0 and manifest["drops"] == {"truncated_prompt": 8}
+    assert manifest["cut"]["instruct"] == {"completions": 8, "length": 8, "rate": 1.0}
+    rejects = [r for t in read_dir(iter_dir / "rejects") for r in t.to_pylist()]
+    assert {(r["stage"], r["reason"]) for r in rejects} == {("instruct", "truncated_prompt")} and len(rejects) == 8
 
 
 def test_resume_regenerates_only_missing_chunks_without_duplicates(tmp_path, persona_file, ray_local):

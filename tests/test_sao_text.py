@@ -33,6 +33,14 @@ def test_ranking_template_places_responses_and_demands_format():
     ('', False, None, "empty_prompt"),
     ('User prompt: Hi', True, None, "too_short"),
     ('User prompt: Guess a prompt that the following persona may ask you to do: a nurse', True, None, "echoed_template"),
+    # The prompt's own leading characters are not part of the prefix (markdown around the label is).
+    ('**User prompt:** -5 + 3 = ?', True, "-5 + 3 = ?", None),
+    ('User prompt: (a) Prove that 2 + 2 = 4.', True, "(a) Prove that 2 + 2 = 4.", None),
+    ('User prompt: $x^2$ - what is its derivative?', True, "$x^2$ - what is its derivative?", None),
+    ('User prompt:\n```python\nprint(1)\n```\nWhy does this print 1?', True,
+     "```python\nprint(1)\n```\nWhy does this print 1?", None),
+    ('*User prompt*: -1 times -1 is what?', True, "-1 times -1 is what?", None),
+    ('Sure! **User prompt:** -5 + 3 = ?', False, "-5 + 3 = ?", None),
 ])
 def test_strip_prompt_prefix(raw, require, expected, reason):
     assert strip_prompt_prefix(raw, require_prefix=require, min_chars=10) == (expected, reason)
@@ -51,6 +59,13 @@ def test_strip_prompt_prefix(raw, require, expected, reason):
     ("ranking: 1 > 2 ... actually ranking: 2 > 1", None, "conflicting_rankings"),
     ("ranking: X > Y", None, "no_ranking"),
     ("1 > 2", None, "no_ranking"),
+    # Markdown around the label; still strict: label, colon, two numbers and ">" are all required.
+    ("**ranking**: 2 > 1", (2, 1), None),
+    ("**Ranking:** 1 > 2", (1, 2), None),
+    ("_ranking_: __2__ > __1__", (2, 1), None),
+    ("*ranking*: Response 1 > Response 2", (1, 2), None),
+    ("**ranking** 2 > 1", None, "no_ranking"),
+    ("**ranking**: 2 is better", None, "no_ranking"),
 ])
 def test_parse_ranking_table(answer, expected, reason):
     assert parse_ranking(answer) == (expected, reason)

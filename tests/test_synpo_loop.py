@@ -86,6 +86,10 @@ def test_two_synpo_iterations_on_tiny_random(tmp_path, tiny_model_path, ray_loca
     assert all(len(s.split(", ")) == 3 for s in d.column("source").to_pylist())
     for row in d.to_pylist():
         assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
+    # tiny_random's preset keeps cut texts (keep_without_eos): marked in the shards, counted per stage.
+    assert m1["truncation"] == "keep_without_eos" and m1["cut"]["improve"]["completions"] >= m1["pairs_kept"]
+    assert set(d.column("chosen_finish_reason").to_pylist() + d.column("rejected_finish_reason").to_pylist()) \
+        <= {"stop", "length"}
 
     # Re-running the finished command redoes nothing.
     mtime = (out / "iter_2" / "model" / "model.safetensors").stat().st_mtime_ns

@@ -79,10 +79,10 @@ def test_question_stage_parses_and_drops():
     assert out["reason"].tolist() == ["", "no_question_tag", "prompt_too_long"]
     assert out.loc[1, "raw"] == "### Question\nWhy is ice cold?"
     assert "## Given Keywords\nalpha, beta, gamma\n" in engine.chats[0][0]["content"]
-    # Cut by max_tokens inside the question: unterminated.
+    # Cut by max_tokens inside the question: truncated (mode.truncation=drop, the default).
     cut = QuestionStage(SamplingConfig(n=1), seed=0)(rows(source=["alpha, beta, gamma"]),
                                                       ScriptedEngine(lambda m: "<question> What links", finish="length"))
-    assert cut.loc[0, "reason"] == "unterminated_question"
+    assert cut.loc[0, "reason"] == "truncated_question"
 
 
 def test_answer_improve_filter_and_judge_stages():

@@ -26,7 +26,15 @@ PAIR_SCHEMA = pa.schema([
     ("judge_confidence", pa.float32()),  # preference probability (logprob) or agreement (generative)
     ("chosen_tokens", pa.int32()),
     ("rejected_tokens", pa.int32()),
+    # Why each generated text ended: "stop" (EOS / stop string) or "length" (cut at its max_tokens). Only
+    # mode.truncation=keep_without_eos keeps "length" rows; training then leaves out the end-of-turn tokens
+    # of a cut response (train/data.py). null in shards written before these columns existed: read as "stop".
+    ("prompt_finish_reason", pa.string()),    # the generated user prompt (SAO instruct, SynPO question)
+    ("chosen_finish_reason", pa.string()),
+    ("rejected_finish_reason", pa.string()),
 ])
+
+FINISH_COLUMNS = ("prompt_finish_reason", "chosen_finish_reason", "rejected_finish_reason")
 
 REJECT_SCHEMA = pa.schema([
     ("row_id", pa.int64()),              # position of the input in this iteration's sample
@@ -40,6 +48,14 @@ REJECT_SCHEMA = pa.schema([
     ("mode", pa.string()),
     ("iteration", pa.int32()),
 ])
+
+
+def conform_pairs(table: pa.Table) -> pa.Table:
+    """A pair table in PAIR_SCHEMA; shards from before the finish-reason columns get them as nulls."""
+    for name in FINISH_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+    return table.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
 
 
 def prompt_id(text: str) -> str:

@@ -85,19 +85,23 @@ class ChunkStats:
     duplicate_prompts: int = 0
     judged_pairs: int = 0
     judge_orders_agree: int = 0
+    # {stage: {"completions": n, "length": k}}: completions generated and how many of them hit max_tokens
+    # (counted whatever mode.truncation then did with them).
+    cut: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
             "inputs": self.inputs, "pairs": self.pairs, "drops": dict(self.drops), "tokens": self.tokens,
             "prompts_produced": self.prompts_produced, "duplicate_prompts": self.duplicate_prompts,
-            "judged_pairs": self.judged_pairs, "judge_orders_agree": self.judge_orders_agree,
+            "judged_pairs": self.judged_pairs, "judge_orders_agree": self.judge_orders_agree, "cut": self.cut,
         }
 
     @classmethod
     def from_json(cls, d: dict) -> "ChunkStats":
         return cls(inputs=d["inputs"], pairs=d["pairs"], drops=Counter(d["drops"]), tokens=d["tokens"],
                    prompts_produced=d["prompts_produced"], duplicate_prompts=d["duplicate_prompts"],
-                   judged_pairs=d["judged_pairs"], judge_orders_agree=d["judge_orders_agree"])
+                   judged_pairs=d["judged_pairs"], judge_orders_agree=d["judge_orders_agree"],
+                   cut=d.get("cut", {}))  # markers written before cut counting have none
 
     def add(self, other: "ChunkStats") -> None:
         self.inputs += other.inputs
@@ -111,6 +115,10 @@ class ChunkStats:
         self.duplicate_prompts += other.duplicate_prompts
         self.judged_pairs += other.judged_pairs
         self.judge_orders_agree += other.judge_orders_agree
+        for stage, counts in other.cut.items():
+            mine = self.cut.setdefault(stage, {"completions": 0, "length": 0})
+            for k, v in counts.items():
+                mine[k] = mine.get(k, 0) + v
 
 
 class IterationStore:
@@ -224,6 +232,9 @@ class IterationStore:
             "pairs_kept": total.pairs,
             "drops": dict(sorted(total.drops.items())),
             "tokens": total.tokens,
+            # Per stage: completions generated, how many stopped at max_tokens, and that share.
+            "cut": {stage: {**c, "rate": (c["length"] / c["completions"]) if c["completions"] else None}
+                    for stage, c in sorted(total.cut.items())},
             "prompt_repetition_rate": (total.duplicate_prompts / total.prompts_produced) if total.prompts_produced else None,
             "judge_position_agreement": (total.judge_orders_agree / judged) if judged else None,
             "judged_pairs": judged,

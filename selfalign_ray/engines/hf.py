@@ -149,25 +149,36 @@ class HFEngine:
     @torch.inference_mode()
     def generate(self, chats: Sequence[Chat], spec: SamplingSpec,
                  seeds: Sequence[int] | None = None) -> list[GenerationResult]:
-        from transformers import LogitsProcessorList
-
+        """New tokens per row: min(spec.max_tokens, engine.max_model_len - prompt tokens), like vLLM; a
+        completion that stops at that cap reports finish_reason "length". Rows are generated in groups of
+        equal cap (almost always one group: every prompt leaves room for max_tokens), so no row is decoded
+        past the context window."""
         prompts = [encode(self.tokenizer, render_prompt(self.tokenizer, c)) for c in chats]
         results = [GenerationResult(prompt_tokens=len(p)) for p in prompts]
-        max_new = min(spec.max_tokens, self.cfg.max_model_len)
-        rows, owners, generators = [], [], []
+        by_cap: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             err = too_long_error(len(p), self.cfg.max_model_len, reserve=1)
             if err:
                 results[i].error = err
                 continue
-            base = seeds[i] if seeds is not None else (spec.seed if spec.seed is not None else 0)
-            for j in range(spec.n):
-                g = torch.Generator().manual_seed(request_seed(base, j))
-                rows.append(p)
-                owners.append(i)
-                generators.append(g)
-        if not rows:
-            return results
+            by_cap.setdefault(min(spec.max_tokens, self.cfg.max_model_len - len(p)), []).append(i)
+        for max_new, owners in sorted(by_cap.items(), reverse=True):
+            rows, generators, row_owners = [], [], []
+            for i in owners:
+                base = seeds[i] if seeds is not None else (spec.seed if spec.seed is not None else 0)
+                for j in range(spec.n):
+                    rows.append(prompts[i])
+                    generators.append(torch.Generator().manual_seed(request_seed(base, j)))
+                    row_owners.append(i)
+            for owner, toks in zip(row_owners, self._generate_rows(rows, generators, spec, max_new)):
+                results[owner].completions.append(self._completion(toks, spec, max_new))
+        return results
+
+    def _generate_rows(self, rows: list[list[int]], generators: list[torch.Generator], spec: SamplingSpec,
+                       max_new: int) -> list[list[int]]:
+        """The new token ids of each row (one `generate` call, at most `max_new` tokens each)."""
+        from transformers import LogitsProcessorList
+
         ids, mask = self._left_pad(rows)
         kwargs = dict(
             max_new_tokens=max_new,
@@ -185,10 +196,7 @@ class HFEngine:
 
             kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnGeneratedText(self.tokenizer, ids.shape[1], spec.stop)])
         out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        new = out[:, ids.shape[1]:].tolist()
-        for owner, toks in zip(owners, new):
-            results[owner].completions.append(self._completion(toks, spec, max_new))
-        return results
+        return out[:, ids.shape[1]:].tolist()
 
     def _completion(self, toks: list[int], spec: SamplingSpec, max_new: int) -> Completion:
         pad = self.tokenizer.pad_token_id

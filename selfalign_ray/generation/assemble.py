@@ -2,7 +2,10 @@
 
 Shared by SAO and SynPO: rows that survived every stage carry `prompt_text`, `chosen_text`,
 `rejected_text`; every other row becomes a reject with the stage and reason that dropped it.
-A prompt already produced earlier in the iteration (any chunk) is dropped as `duplicate_prompt`.
+A prompt already produced earlier in the iteration is dropped as `duplicate_prompt`. The driver assembles
+chunks in chunk order (generation/runner.py), so of several copies the one with the lowest (chunk_id,
+row_id) survives, whichever chunk finished first. Every generation stage counts its completions cut at
+max_tokens (`cut_<stage>_*` columns), summed here into ChunkStats.cut.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow as pa
 
-from selfalign_ray.data.schema import PAIR_SCHEMA, REJECT_SCHEMA, assistant_turn, prompt_id, user_turn
+from selfalign_ray.data.schema import (
+    FINISH_COLUMNS,
+    PAIR_SCHEMA,
+    REJECT_SCHEMA,
+    assistant_turn,
+    prompt_id,
+    user_turn,
+)
 from selfalign_ray.data.shards import ChunkStats
 
 
@@ -31,6 +41,11 @@ class PairAssembler:
             p, o = f"tok_{stage}_prompt", f"tok_{stage}_output"
             if p in chunk.columns:
                 stats.tokens[stage] = {"prompt": int(chunk[p].fillna(0).sum()), "output": int(chunk[o].fillna(0).sum())}
+        for col in chunk.columns:  # cut_<stage>_completions / cut_<stage>_length (generation/rows.py count_cut)
+            if col.startswith("cut_") and col.endswith("_completions"):
+                stage = col[len("cut_"):-len("_completions")]
+                stats.cut[stage] = {"completions": int(chunk[col].fillna(0).sum()),
+                                    "length": int(chunk[f"cut_{stage}_length"].fillna(0).sum())}
         pairs, rejects = [], []
         for row in chunk.itertuples(index=False):
             r = row._asdict()
@@ -61,6 +76,8 @@ class PairAssembler:
                     "judge_confidence": None if confidence is None or math.isnan(confidence) else float(confidence),
                     "chosen_tokens": int(r["chosen_tokens"]),
                     "rejected_tokens": int(r["rejected_tokens"]),
+                    # "" (a stage that records none) is unknown: null, read as "stop" by training.
+                    **{col: r.get(col) or None for col in FINISH_COLUMNS},
                 })
             else:
                 stats.drops[r["reason"]] += 1

@@ -45,3 +45,29 @@ def dumps(values) -> str:
 
 def loads(text: str):
     return json.loads(text) if text else []
+
+
+# mode.truncation: what happens to a generated text that stopped at its max_tokens (finish_reason "length").
+# drop: the row goes to rejects/ as truncated_<what> (never trained on); keep_without_eos: the row is kept,
+# its finish reasons travel into the shard, and training leaves out the end-of-turn tokens of a cut response.
+TRUNCATION_DROP = "drop"
+TRUNCATION_KEEP = "keep_without_eos"
+TRUNCATION_MODES = (TRUNCATION_DROP, TRUNCATION_KEEP)
+
+
+def check_truncation(value: str, where: str = "mode.truncation") -> str:
+    if value not in TRUNCATION_MODES:
+        from selfalign_ray.config import ConfigError
+
+        raise ConfigError(f"{where}={value!r} is not one of: {', '.join(TRUNCATION_MODES)}")
+    return value
+
+
+def count_cut(df: pd.DataFrame, stage: str, index=None, finish_reasons=()) -> None:
+    """Per row and stage: `cut_<stage>_completions` generated, `cut_<stage>_length` of them stopped at
+    max_tokens (summed into the manifest's `cut`). Without `index`: only add the columns (every block of a
+    stage must have them, live rows or not)."""
+    ensure_columns(df, {f"cut_{stage}_completions": 0, f"cut_{stage}_length": 0})
+    if index is not None:
+        df.at[index, f"cut_{stage}_completions"] += len(finish_reasons)
+        df.at[index, f"cut_{stage}_length"] += sum(f == "length" for f in finish_reasons)

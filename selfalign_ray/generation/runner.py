@@ -64,6 +64,8 @@ def _run_generation(stream: PoolStream, store: IterationStore, inputs: pd.DataFr
         buffers: dict[int, list[pd.DataFrame]] = defaultdict(list)
         counts: dict[int, int] = defaultdict(int)
         attention: set[str] = set()  # what the engines ran, as each actor reported it
+        ready: dict[int, pd.DataFrame] = {}  # complete chunks waiting for an earlier chunk to commit first
+        order = sorted(int(c) for c in set(pending["chunk_id"]))
         for out in stream.batches(ds, pools):
             if ATTENTION_COLUMN in out:
                 attention.update(str(v) for v in out[ATTENTION_COLUMN].unique())
@@ -72,14 +74,21 @@ def _run_generation(stream: PoolStream, store: IterationStore, inputs: pd.DataFr
                 buffers[chunk_id].append(rows)
                 counts[chunk_id] += len(rows)
                 if counts[chunk_id] == expected[chunk_id]:
-                    chunk = pd.concat(buffers.pop(chunk_id)).sort_values("row_id")
-                    pairs, rejects, stats = assemble(chunk, seen)
-                    markers[chunk_id] = store.commit_chunk(chunk_id, pairs, rejects, stats)
-                    outcomes.record(manifest_extra, pairs, rejects, stats)
-                    store.write_manifest(markers, {**manifest_extra, "status": "partial"})
-                    log.info("chunk %d committed: %d pairs, %d rejects", chunk_id, pairs.num_rows, rejects.num_rows)
-        if buffers:
-            raise RuntimeError(f"generation ended with incomplete chunks {sorted(buffers)}: rows were lost in the pipeline")
+                    ready[chunk_id] = pd.concat(buffers.pop(chunk_id)).sort_values("row_id")
+            # Commit in chunk order, whatever order chunks finish in: the shared `seen` set then keeps the
+            # copy of a duplicate prompt with the lowest (chunk_id, row_id), every time. A committed chunk is
+            # never rewritten: a resume keeps its pairs and regenerates only uncommitted chunks (their `seen` set
+            # holds every committed chunk's prompts).
+            while order and order[0] in ready:
+                chunk_id = order.pop(0)
+                pairs, rejects, stats = assemble(ready.pop(chunk_id), seen)
+                markers[chunk_id] = store.commit_chunk(chunk_id, pairs, rejects, stats)
+                outcomes.record(manifest_extra, pairs, rejects, stats)
+                store.write_manifest(markers, {**manifest_extra, "status": "partial"})
+                log.info("chunk %d committed: %d pairs, %d rejects", chunk_id, pairs.num_rows, rejects.num_rows)
+        if buffers or ready:
+            raise RuntimeError(f"generation ended with incomplete chunks {sorted(buffers)} (complete chunks "
+                               f"{sorted(ready)} waited on them): rows were lost in the pipeline")
     missing = sorted(set(expected) - set(markers))
     if missing:
         raise RuntimeError(f"chunks {missing} were not committed")

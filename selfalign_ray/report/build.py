@@ -50,6 +50,28 @@ def throughput_rates(run: Run) -> dict[int, dict[str, float]]:
     return rates
 
 
+def cut_section(run: Run) -> list[str]:
+    """Per iteration and generation stage: completions that stopped at max_tokens (manifest `cut`), and what
+    mode.truncation did with them (drop: the truncated_* rejects; keep_without_eos: kept, marked in shards)."""
+    stages = sorted({stage for it in run.iterations for stage in (it.manifest.get("cut") or {})})
+    md = ["## Cut at max_tokens, per stage", "",
+          "Completions that stopped at their token limit (finish_reason `length`) over all completions of the "
+          "stage. `truncation`: drop sends such rows to rejects/ (`truncated_*` reasons); keep_without_eos keeps "
+          "them, marked in the shard, and trains them without the end-of-turn token.", ""]
+    if not stages:
+        return md + ["No cut counts in the manifests (written before they were recorded).", ""]
+    rows = []
+    for it in run.iterations:
+        cut = it.manifest.get("cut") or {}
+        cells = []
+        for stage in stages:
+            c = cut.get(stage)
+            cells.append(f"{c['length']}/{c['completions']} ({_f(c.get('rate'))})" if c and c["completions"] else "–")
+        dropped = sum(n for r, n in (it.manifest.get("drops") or {}).items() if r.startswith("truncated_"))
+        rows.append([it.k, it.manifest.get("truncation", "–"), dropped] + cells)
+    return md + _table(["iteration", "truncation", "rows dropped as truncated"] + stages, rows)
+
+
 def build_report(out: str | Path) -> Path:
     """Write DIR/report.md and DIR/report/*.png from DIR's files; return the path of report.md."""
     run = load_run(out)
@@ -79,6 +101,8 @@ def build_report(out: str | Path) -> Path:
         header += ["pairs added", "cumulative pairs"]
     md += _table(header, rows)
     md += [f"![pairs and drops]({plots.pairs_and_drops(run, figs / 'pairs_and_drops.png').relative_to(run.dir)})", ""]
+
+    md += cut_section(run)
 
     md += ["## Prompt repetition", "",
            f"Exact: same text after lower-casing and dropping punctuation. Near: word-trigram Jaccard ≥ "

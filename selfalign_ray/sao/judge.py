@@ -35,6 +35,9 @@ class JudgeConfig:
             raise ConfigError(f"judge.kind={self.kind!r} is not one of: logprob, generative")
         if not 0 <= self.min_confidence <= 1:
             raise ConfigError(f"judge.min_confidence must lie in [0, 1], got {self.min_confidence}")
+        if self.require_agreement and not self.both_orders:
+            raise ConfigError("judge.require_agreement=true needs judge.both_orders=true: agreement is between the two "
+                              "presentation orders")
         if self.kind == "generative" and (self.max_tokens < 1 or self.temperature < 0):
             raise ConfigError(f"judge.max_tokens must be >= 1 and judge.temperature >= 0, got {self.max_tokens} "
                               f"and {self.temperature}")
@@ -49,6 +52,9 @@ class Verdict:
     orders_agree: bool | None = None
     reason: str | None = None
     raw: str = ""
+    # Generative judge, both orders asked: why the one order without a verdict was unparsable (the pair then
+    # rests on a single vote and the orders cannot be compared).
+    one_order_unparsable: str | None = None
 
 
 def _p_first(logprobs: dict[str, float]) -> float | None:
@@ -101,7 +107,8 @@ def generative_verdict(ab_text: str, ba_text: str | None) -> Verdict:
     p_a = votes_a / (votes_a + votes_b)
     agree = None if (votes_a + votes_b) < orders else (votes_a == 0 or votes_b == 0)
     confidence = max(votes_a, votes_b) / orders
-    return Verdict(p_a=p_a, confidence=confidence, orders_agree=agree, raw=raw)
+    return Verdict(p_a=p_a, confidence=confidence, orders_agree=agree, raw=raw,
+                   one_order_unparsable=reasons[0] if reasons else None)
 
 
 def decide(v: Verdict, cfg: JudgeConfig) -> tuple[bool | None, str | None]:
@@ -111,7 +118,10 @@ def decide(v: Verdict, cfg: JudgeConfig) -> tuple[bool | None, str | None]:
     if v.p_a == 0.5:
         return None, "orders_disagree" if v.orders_agree is False else "tie"
     if cfg.require_agreement and v.orders_agree is not True:
-        return None, "orders_disagree"
+        # Disagreement needs two verdicts; a pair with one unparsable order says so instead.
+        if v.orders_agree is None and v.one_order_unparsable:
+            return None, f"one_order_unparsable:{v.one_order_unparsable}"
+        return None, "orders_disagree" if v.orders_agree is False else "single_order"
     if v.confidence < cfg.min_confidence:
         return None, "below_confidence"
     return v.p_a > 0.5, None

@@ -10,12 +10,18 @@ import re
 
 from selfalign_ray.sao.templates import PROMPT_PREFIX
 
-_PREFIX_RE = re.compile(r"^\W*" + re.escape(PROMPT_PREFIX).replace(r"\ ", r"\s*") + r"\W*", re.IGNORECASE)
-_ANYWHERE_RE = re.compile(re.escape(PROMPT_PREFIX).replace(r"\ ", r"\s*"), re.IGNORECASE)
+# "User prompt:" as models decorate it: `**User prompt:**`, `*User prompt*:`, `User prompt: "`. After the colon
+# only markdown emphasis and whitespace belong to the prefix, never `\W*`: a prompt's own first characters
+# ("-5 + 3 = ?", "(a) ...", "$x$ ...", a code fence) are punctuation too.
+_LABEL = re.escape(PROMPT_PREFIX.rstrip(":")).replace(r"\ ", r"\s*") + r"[*_]*\s*:[*_]*\s*"
+_PREFIX_RE = re.compile(r"^[\W_]*?" + _LABEL, re.IGNORECASE)
+_ANYWHERE_RE = re.compile(_LABEL, re.IGNORECASE)
 _TEMPLATE_ECHO = "guess a prompt that the following persona"
 # Separators are one class ([\s*]*, spaces and markdown stars in any mix), never `\s*\**\s*`: adjacent
 # optional runs made a long run of spaces backtrack polynomially (8,000 spaces after "ranking:" took 15 s).
-_RANKING_RE = re.compile(r"ranking\s*[:：][\s*]*(?:response\s*)?(\d+)[\s*]*>[\s*]*(?:response\s*)?(\d+)",
+# Markdown emphasis (`*`, `_`) may wrap the word "ranking" too (`**ranking**: 2 > 1`, `_Ranking:_ 1 > 2`); the
+# word, the colon, the two numbers and ">" must all be there, so nothing is guessed.
+_RANKING_RE = re.compile(r"ranking[*_]*\s*[:：][\s*_]*(?:response\s*)?(\d+)[\s*_]*>[\s*_]*(?:response\s*)?(\d+)",
                          re.IGNORECASE)
 
 

@@ -14,6 +14,7 @@ from selfalign_ray.data.shards import IterationStore
 from selfalign_ray.engines.config import EngineConfig
 from selfalign_ray.generation.assemble import PairAssembler
 from selfalign_ray.generation.pool import PoolSpec
+from selfalign_ray.generation.rows import TRUNCATION_DROP, check_truncation
 from selfalign_ray.generation.runner import assign_chunks, run_generation
 from selfalign_ray.sao.judge import JudgeConfig
 from selfalign_ray.sao.stages import InstructStage, JudgeStage, RespondStage, SamplingConfig
@@ -41,6 +42,7 @@ def generate_sao(cfg, iteration: int, model_path: str, iter_dir: Path) -> dict:
             raise ConfigError(f"{where}: {err}") from None
     # Validated before run.json binds it: a bad value must not make the output dir refuse the corrected command.
     shard_size = positive(mode.shard_size, "mode.shard_size")
+    truncation = check_truncation(mode.get("truncation", TRUNCATION_DROP))
 
     store = IterationStore(iter_dir)
     # Everything that decides which rows exist and what they contain; a resume must match it.
@@ -48,7 +50,7 @@ def generate_sao(cfg, iteration: int, model_path: str, iter_dir: Path) -> dict:
         "mode": "sao", "iteration": iteration, "model": model_path, "seed": cfg.seed,
         "dataset_size": dataset_size, "personas": persona_cfg.__dict__, "instruct": instruct.__dict__,
         "respond": respond.__dict__, "judge": judge_cfg.__dict__, "shard_size": shard_size,
-        "require_prefix": mode.require_prefix, "min_prompt_chars": mode.min_prompt_chars,
+        "require_prefix": mode.require_prefix, "min_prompt_chars": mode.min_prompt_chars, "truncation": truncation,
         # The sampled personas themselves: an edited persona file under the same path must not mix two samples.
         "inputs_sha256": hashlib.sha256("\n".join(f"{p.id}\t{p.text}" for p in sampled).encode()).hexdigest(),
     })
@@ -59,15 +61,16 @@ def generate_sao(cfg, iteration: int, model_path: str, iter_dir: Path) -> dict:
         "mode": "sao",
     }), shard_size)
     stages = [
-        InstructStage(instruct, cfg.seed, require_prefix=mode.require_prefix, min_prompt_chars=mode.min_prompt_chars),
-        RespondStage(respond, cfg.seed),
+        InstructStage(instruct, cfg.seed, require_prefix=mode.require_prefix, min_prompt_chars=mode.min_prompt_chars,
+                      truncation=truncation),
+        RespondStage(respond, cfg.seed, truncation=truncation),
         JudgeStage(judge_cfg, cfg.seed),
     ]
     pools = [PoolSpec("sao", model_path, engine_cfg, stages)]
     assembler = PairAssembler("sao", iteration, model_path, tuple(s.name for s in stages))
     extra = {
         "mode": "sao", "iteration": iteration, "model": model_path, "engine": engine_cfg.kind,
-        "judge": judge_cfg.kind, "seed": cfg.seed, "dataset_size": dataset_size,
+        "judge": judge_cfg.kind, "truncation": truncation, "seed": cfg.seed, "dataset_size": dataset_size,
         "persona_pool_size": len(pool), "input_errors": read_report.to_json(),
     }
     return run_generation(store, inputs, pools, assembler, extra)

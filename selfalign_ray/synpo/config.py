@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from selfalign_ray.config import ConfigError, positive, to_dict, typed
+from selfalign_ray.generation.rows import check_truncation
 from selfalign_ray.sao.stages import SamplingConfig
 from selfalign_ray.synpo.chain import POOL_RESOURCES
 from selfalign_ray.synpo.corpus import KeywordsConfig
@@ -71,6 +72,8 @@ class SynpoConfig:
     keyword_lists: int = 16
     pairs_per_iteration: int | None = None
     pool_resources: str = "auto"
+    # What happens to a question, answer or refinement cut at its max_tokens (generation/rows.py).
+    truncation: str = "drop"
     seeds: SeedConfig = field(default_factory=SeedConfig)
     keywords: KeywordsConfig = field(default_factory=KeywordsConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -104,6 +107,7 @@ def synpo_config(mode_node) -> SynpoConfig:
         positive(cfg.pairs_per_iteration, "mode.pairs_per_iteration")
     if cfg.init_from not in ("base", "previous"):
         raise ConfigError(f"mode.init_from={cfg.init_from!r}: use base (SynPO) or previous")
+    check_truncation(cfg.truncation)
     if cfg.pool_resources not in POOL_RESOURCES:
         raise ConfigError(f"mode.pool_resources={cfg.pool_resources!r}: use one of {', '.join(POOL_RESOURCES)}")
     if not 0 <= cfg.filter.max_repetition <= 1:

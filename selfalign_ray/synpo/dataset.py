@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selfalign_ray.data.schema import PAIR_SCHEMA
+from selfalign_ray.data.schema import PAIR_SCHEMA, conform_pairs
 from selfalign_ray.data.shards import atomic_write_bytes
 from selfalign_ray.engines.base import request_seed
 
@@ -47,7 +47,7 @@ def earlier_prompt_ids(out: Path, iteration: int) -> set[str]:
 def add_pairs(iter_dir: Path, manifest: dict, limit: int | None, seed: int, iteration: int) -> dict:
     """Write `iter_dir/added/` (this iteration's contribution to D); deterministic, so safe to redo on resume."""
     files = _pair_files(manifest)
-    table = pa.concat_tables([pq.read_table(f).cast(PAIR_SCHEMA) for f in files]) if files else PAIR_SCHEMA.empty_table()
+    table = pa.concat_tables([conform_pairs(pq.read_table(f)) for f in files]) if files else PAIR_SCHEMA.empty_table()
     valid = table.num_rows
     if limit is not None and valid > limit:
         rng = random.Random(request_seed(seed, "add_pairs", iteration))

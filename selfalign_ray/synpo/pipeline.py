@@ -63,13 +63,16 @@ def pair_chain(sc: SynpoConfig, models: Models, engine: EngineConfig, seed: int)
     first_iteration = models.policy == models.base
     steps = [
         ("generator", models.generator, [QuestionStage(sc.generator.sampling(), seed, sc.generator.stop_at_question_end,
-                                                       sc.generator.require_tags, sc.generator.min_prompt_chars)]),
+                                                       sc.generator.require_tags, sc.generator.min_prompt_chars,
+                                                       truncation=sc.truncation)]),
         # π_{t-1} = π_0 in iteration 1: its answer is both the text to improve and the rejected answer.
         ("policy", models.policy, [AnswerStage(sc.respond.sampling(), seed,
-                                               ("policy", "rejected") if first_iteration else ("policy",))]),
-        ("improver", models.improver, [ImproveStage(sc.improve.sampling(), seed)]),
+                                               ("policy", "rejected") if first_iteration else ("policy",),
+                                               truncation=sc.truncation)]),
+        ("improver", models.improver, [ImproveStage(sc.improve.sampling(), seed, truncation=sc.truncation)]),
         ("initial", models.base, [] if first_iteration else
-         [AnswerStage(sc.respond.sampling(), seed, ("rejected",), name="respond_initial")]),
+         [AnswerStage(sc.respond.sampling(), seed, ("rejected",), name="respond_initial", truncation=sc.truncation,
+                      cut_reason="truncated_initial_response")]),
         ("filter", models.base, [PairFilterStage(sc.filter.max_repetition, sc.filter.ngram)]),
         ("judge", models.judge, [] if sc.filter.min_gap is None else [PreferenceStage(sc.filter.min_gap)]),
     ]
@@ -89,7 +92,7 @@ def generate_pairs(sc: SynpoConfig, iteration: int, models: Models, iter_dir: Pa
         "mode": "synpo", "iteration": iteration, "models": asdict(models), "seed": seed,
         "keyword_lists": len(keyword_lists), "keyword_lists_sha256": _digest(keyword_lists),
         "generator": asdict(sc.generator), "respond": asdict(sc.respond), "improve": asdict(sc.improve),
-        "filter": asdict(sc.filter), "shard_size": sc.shard_size,
+        "filter": asdict(sc.filter), "shard_size": sc.shard_size, "truncation": sc.truncation,
     })
     inputs = assign_chunks(pd.DataFrame({
         "source_id": [k.source_id for k in keyword_lists],
@@ -100,6 +103,6 @@ def generate_pairs(sc: SynpoConfig, iteration: int, models: Models, iter_dir: Pa
     pools = pair_chain(sc, models, engine, seed)
     assembler = SkipEarlierPrompts(PairAssembler("synpo", iteration, models.policy, STAGE_NAMES), frozenset(earlier))
     extra = {"mode": "synpo", "iteration": iteration, "models": asdict(models), "model": models.policy,
-             "engine": engine.kind, "pools": [p.name for p in pools], "seed": seed,
+             "engine": engine.kind, "truncation": sc.truncation, "pools": [p.name for p in pools], "seed": seed,
              "keyword_lists": len(keyword_lists), "earlier_prompts": len(earlier), **manifest_extra}
     return run_generation(store, inputs, pools, assembler, extra)

@@ -8,6 +8,7 @@ from collections import Counter
 import pandas as pd
 
 from selfalign_ray.engines.config import EngineConfig
+from selfalign_ray.generation.rows import TRUNCATION_KEEP
 from selfalign_ray.synpo.chain import build_chain, run_rows
 from selfalign_ray.synpo.config import SynpoConfig
 from selfalign_ray.synpo.seeds import Seed
@@ -28,8 +29,14 @@ def improver_training_data(seeds: list[Seed], policy: str, judge: str, sc: Synpo
 
     With mode.improve.min_gold_gap set, a seed is kept only if the judge prefers the gold answer by that gap
     (paper App. C.2: the improver must learn improvements, not to make answers worse).
+
+    Cut answers are kept whatever mode.truncation says: the answer is the improver's input, never its training
+    target (that is the gold answer), and learning to turn a cut answer into the gold one does no harm. Dropping
+    them would leave the improver without examples when answers run long (SmolLM2 at CPU token limits).
+    Their number is in the stats (answers_cut).
     """
-    steps = [("policy", policy, [AnswerStage(sc.respond.sampling(), seed, ("policy",), name="seed_respond")])]
+    steps = [("policy", policy, [AnswerStage(sc.respond.sampling(), seed, ("policy",), name="seed_respond",
+                                             truncation=TRUNCATION_KEEP)])]
     if sc.improve.min_gold_gap is not None:
         steps.append(("judge", judge, [PreferenceStage(sc.improve.min_gold_gap, "gold", "policy", name="gold_judge")]))
     out = run_rows(_seed_rows(seeds, iteration, "seed"), build_chain(steps, engine, sc.pool_resources))
@@ -38,7 +45,8 @@ def improver_training_data(seeds: list[Seed], policy: str, judge: str, sc: Synpo
     examples = [improver_example(by_id[sid], answer) for sid, answer in zip(kept["source_id"], kept["policy_text"])]
     stats = {"seeds": len(seeds), "examples": len(examples),
              "drops": dict(Counter(out.loc[out["status"] != "ok", "reason"])),
-             "policy_output_tokens": int(out["tok_seed_respond_output"].sum())}
+             "policy_output_tokens": int(out["tok_seed_respond_output"].sum()),
+             "answers_cut": int(out["cut_seed_respond_length"].sum())}
     if "score_gap" in out:
         stats["mean_gold_gap"] = _mean(out["score_gap"])
     return examples, stats
@@ -49,7 +57,10 @@ def evaluate_heldout(model: str, judge: str, heldout: list[Seed], sc: SynpoConfi
     """`model` answers the held-out seed prompts; the judge compares each answer with the gold answer in
     both orders. win_rate: share of judged prompts where P(model answer better) > 0.5; mean_preference:
     the mean of that probability (0.5 = indistinguishable from gold to the judge)."""
-    steps = [("model", model, [AnswerStage(sc.eval.sampling(), seed, ("answer",), name="eval_respond")]),
+    # Evaluation keeps cut answers (truncation does not apply): they are scored, never trained on, and dropping
+    # them would score only the answers that happened to be short.
+    steps = [("model", model, [AnswerStage(sc.eval.sampling(), seed, ("answer",), name="eval_respond",
+                                           truncation=TRUNCATION_KEEP)]),
              ("judge", judge, [PreferenceStage(None, "answer", "gold", name="eval_judge")])]
     out = run_rows(_seed_rows(heldout, iteration, "heldout"), build_chain(steps, engine, sc.pool_resources))
     judged = out[(out["status"] == "ok") & out["judge_confidence"].notna()]
@@ -60,6 +71,7 @@ def evaluate_heldout(model: str, judge: str, heldout: list[Seed], sc: SynpoConfi
         "mean_preference": _mean(p),
         "orders_agree": float((judged["judge_agreement"] == "yes").mean()) if len(judged) else None,
         "mean_answer_tokens": _mean(out.loc[out["status"] == "ok", "answer_tokens"]),
+        "answers_cut": int(out["cut_eval_respond_length"].sum()),
         "drops": dict(Counter(out.loc[out["status"] != "ok", "reason"])),
     }
 

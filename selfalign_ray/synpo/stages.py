@@ -14,11 +14,12 @@ One iteration's chain (pools of different models, in this order):
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import pandas as pd
 
-from selfalign_ray.generation.rows import drop, ensure_columns, live
+from selfalign_ray.generation.rows import TRUNCATION_DROP, check_truncation, drop, ensure_columns, live
 from selfalign_ray.sao.judge import logprob_verdict
 from selfalign_ray.sao.stages import SamplingConfig, generate_for_live_rows
 from selfalign_ray.sao.templates import RANKING_ANSWER_PREFIX, ranking_prompt
@@ -29,6 +30,10 @@ from selfalign_ray.synpo.templates import (
     generator_prompt,
     improver_prompt,
 )
+
+
+# What ends a question in the generator's output (synpo/parsing.py): </question>, or a <solution> tag.
+_QUESTION_END = re.compile(r"<\s*/\s*question\s*>|<\s*/?\s*solution\s*>", re.IGNORECASE)
 
 
 def _user(text: str) -> list[dict[str, str]]:
@@ -42,9 +47,14 @@ class QuestionStage:
 
     With `stop_at_question_end` generation stops at "</question>", so no tokens are spent on the solution.
 
+    A question is cut when generation stopped at max_tokens before the question ended (no </question> or
+    <solution> after it; a cut inside the solution leaves the question whole). truncation=drop drops it as
+    truncated_question; keep_without_eos keeps the text after <question> as the prompt, marked "length".
+
     reads: source (the keyword list, "kw1, kw2, kw3"), source_id, iteration
-    adds:  prompt_text, tok_question_prompt, tok_question_output
-    drops: no_question_tag, unterminated_question, empty_question, echoed_template, too_short, prompt_too_long
+    adds:  prompt_text, prompt_finish_reason, tok_question_prompt, tok_question_output, cut_question_*
+    drops: truncated_question, no_question_tag, unterminated_question (the model ended without closing the
+           question), empty_question, echoed_template, too_short, prompt_too_long
     """
 
     sampling: SamplingConfig
@@ -52,24 +62,35 @@ class QuestionStage:
     stop_at_question_end: bool = True
     require_tags: bool = True
     min_prompt_chars: int = 10
+    truncation: str = TRUNCATION_DROP
     name: str = "question"
 
     def __call__(self, df: pd.DataFrame, engine) -> pd.DataFrame:
-        ensure_columns(df, {"prompt_text": "", "tok_question_prompt": 0, "tok_question_output": 0})
+        check_truncation(self.truncation)
+        ensure_columns(df, {"prompt_text": "", "prompt_finish_reason": "",
+                            "tok_question_prompt": 0, "tok_question_output": 0})
         spec = self.sampling.spec()
         if self.stop_at_question_end:
             spec = dataclasses.replace(spec, stop=(QUESTION_CLOSE,))
         chats_of = lambda rows: [_user(generator_prompt(k)) for k in rows["source"]]
         for idx, res in generate_for_live_rows(df, engine, self.name, chats_of, spec, self.seed):
             c = res.completions[0]
-            # Engines cut the stop string from the text: "stop" then means </question> was reached
-            # (or EOS came first, which leaves a complete, if untidy, question as well).
-            stopped = self.stop_at_question_end and c.finish_reason == "stop"
+            # Cut: stopped at max_tokens with the question still open (nothing closes it).
+            cut = c.finish_reason == "length" and not _QUESTION_END.search(c.text)
+            if cut and self.truncation == TRUNCATION_DROP:
+                drop(df, idx, self.name, "truncated_question",
+                     f"the question stopped at max_tokens={self.sampling.max_tokens}", raw=c.text)
+                continue
+            # Engines cut the stop string from the text: "stop" then means </question> was reached (or EOS
+            # came first, which leaves a complete, if untidy, question as well). A kept cut question is
+            # taken up to where it was cut.
+            stopped = (self.stop_at_question_end and c.finish_reason == "stop") or cut
             question, reason = parse_question(c.text, stopped, self.require_tags, self.min_prompt_chars)
             if reason:
                 drop(df, idx, self.name, reason, raw=c.text)
             else:
                 df.at[idx, "prompt_text"] = question
+                df.at[idx, "prompt_finish_reason"] = "length" if cut else "stop"
         return df
 
 
@@ -80,31 +101,43 @@ class AnswerStage:
     Targets: "policy" (π_{t-1}, the text the improver rewrites), "rejected" (π_0), both when π_{t-1} is π_0
     (iteration 1: one generation serves as both), "answer" (evaluation).
 
+    An answer cut at max_tokens is dropped as `cut_reason` with truncation=drop, kept and marked "length"
+    with keep_without_eos (evaluation keeps every answer: it is scored, never trained on).
+
     reads: prompt_text, source_id, iteration
-    adds:  <target>_text and <target>_tokens for each target, tok_<name>_prompt, tok_<name>_output
-    drops: empty_response, prompt_too_long
+    adds:  <target>_text, <target>_tokens, <target>_finish_reason for each target, tok_<name>_prompt,
+           tok_<name>_output, cut_<name>_*
+    drops: <cut_reason> (truncated_response), empty_response, prompt_too_long
     """
 
     sampling: SamplingConfig
     seed: int
     targets: tuple[str, ...]
     name: str = "respond"
+    truncation: str = TRUNCATION_DROP
+    cut_reason: str = "truncated_response"
 
     def __call__(self, df: pd.DataFrame, engine) -> pd.DataFrame:
+        check_truncation(self.truncation)
         defaults = {f"tok_{self.name}_prompt": 0, f"tok_{self.name}_output": 0}
         for t in self.targets:
-            defaults.update({f"{t}_text": "", f"{t}_tokens": 0})
+            defaults.update({f"{t}_text": "", f"{t}_tokens": 0, f"{t}_finish_reason": ""})
         ensure_columns(df, defaults)
         chats_of = lambda rows: [_user(p) for p in rows["prompt_text"]]
         for idx, res in generate_for_live_rows(df, engine, self.name, chats_of, self.sampling.spec(), self.seed):
             c = res.completions[0]
             text = c.text.strip()
+            if c.finish_reason == "length" and self.truncation == TRUNCATION_DROP:
+                drop(df, idx, self.name, self.cut_reason,
+                     f"the answer stopped at max_tokens={self.sampling.max_tokens}", raw=c.text)
+                continue
             if not text:
                 drop(df, idx, self.name, "empty_response", raw=c.text)
                 continue
             for t in self.targets:
                 df.at[idx, f"{t}_text"] = text
                 df.at[idx, f"{t}_tokens"] = c.num_tokens
+                df.at[idx, f"{t}_finish_reason"] = c.finish_reason
         return df
 
 
@@ -116,20 +149,27 @@ class ImproveStage:
     """The response improver R_t rewrites π_{t-1}'s answer (paper template, Figure 7); the rewrite is chosen.
 
     reads: prompt_text, policy_text
-    adds:  chosen_text, chosen_tokens, tok_improve_prompt, tok_improve_output
-    drops: empty_refinement, unchanged_refinement (the rewrite equals the answer: no preference to learn),
-           prompt_too_long
+    adds:  chosen_text, chosen_tokens, chosen_finish_reason, tok_improve_prompt, tok_improve_output, cut_improve_*
+    drops: truncated_refinement (cut at max_tokens, with truncation=drop), empty_refinement,
+           unchanged_refinement (the rewrite equals the answer: no preference to learn), prompt_too_long
     """
 
     sampling: SamplingConfig
     seed: int
+    truncation: str = TRUNCATION_DROP
     name: str = "improve"
 
     def __call__(self, df: pd.DataFrame, engine) -> pd.DataFrame:
-        ensure_columns(df, {"chosen_text": "", "chosen_tokens": 0, "tok_improve_prompt": 0, "tok_improve_output": 0})
+        check_truncation(self.truncation)
+        ensure_columns(df, {"chosen_text": "", "chosen_tokens": 0, "chosen_finish_reason": "",
+                            "tok_improve_prompt": 0, "tok_improve_output": 0})
         chats_of = lambda rows: [_user(improver_prompt(q, a)) for q, a in zip(rows["prompt_text"], rows["policy_text"])]
         for idx, res in generate_for_live_rows(df, engine, self.name, chats_of, self.sampling.spec(), self.seed):
             c = res.completions[0]
+            if c.finish_reason == "length" and self.truncation == TRUNCATION_DROP:
+                drop(df, idx, self.name, "truncated_refinement",
+                     f"the rewrite stopped at max_tokens={self.sampling.max_tokens}", raw=c.text)
+                continue
             text = c.text.strip()
             # The template ends in "Rewritten Answer:"; a model that repeats the label has not started yet.
             if text.lower().startswith(_REWRITTEN_PREFIX):
@@ -141,6 +181,7 @@ class ImproveStage:
             else:
                 df.at[idx, "chosen_text"] = text
                 df.at[idx, "chosen_tokens"] = c.num_tokens
+                df.at[idx, "chosen_finish_reason"] = c.finish_reason
         return df
 
 

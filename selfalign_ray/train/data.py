@@ -8,6 +8,10 @@ the model to stop where its template stops; text + `eos_token` would be wrong fo
 not their end-of-turn token. Rendered text is tokenised without adding special tokens: the template already
 wrote BOS where the model wants one.
 
+A response cut at its max_tokens (kept by mode.truncation=keep_without_eos, marked by the shard's
+`chosen_finish_reason` / `rejected_finish_reason` = "length") ends with its text: the end-of-turn suffix is
+left out, so training never teaches the model to stop where the text was cut.
+
 Labels are the input ids with prompt and padding positions set to -100: only response tokens count.
 
 A micro-batch of B pairs is one forward pass over 2B sequences (the B chosen, then the B rejected), either
@@ -32,23 +36,44 @@ def _messages(value) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def render_pair_ids(tokenizer, prompt: list[dict], response: list[dict]) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids): the prompt with the generation prompt, then the template's assistant turn."""
+def render_pair_ids(tokenizer, prompt: list[dict], response: list[dict],
+                    complete: bool = True) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids): the prompt with the generation prompt, then the template's assistant turn.
+
+    complete=False (a response cut at max_tokens, kept by mode.truncation=keep_without_eos): the response
+    ends with its text; the template's end-of-turn suffix (`<|im_end|>\\n`, `<|eot_id|>`, ...) is not
+    appended, so no loss ever teaches the model to stop where the text was cut. Leaving it out (rather than
+    appending it with label -100) keeps the sequence exactly what the model generated and adds no tokens
+    that only cost compute.
+    """
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    content = "".join(m["content"] for m in response)
     if full_text.startswith(prompt_text):
         response_text = full_text[len(prompt_text):]
+        if not complete:
+            response_text = _without_end_of_turn(response_text, content)
     else:
         # A template that renders earlier turns differently once an assistant turn follows (e.g. one that
         # strips reasoning): no clean suffix exists, so fall back to the text + EOS and say so.
         log.warning("chat template of %s does not extend the prompt when the answer is added; "
                     "training on answer text + eos_token instead", getattr(tokenizer, "name_or_path", "?"))
-        response_text = "".join(m["content"] for m in response) + (tokenizer.eos_token or "")
+        response_text = content + ((tokenizer.eos_token or "") if complete else "")
 
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     return encode(prompt_text), encode(response_text)
+
+
+def _without_end_of_turn(response_text: str, content: str) -> str:
+    """The assistant turn up to the end of its text: what the template wrote after the text is cut off.
+
+    The text is found as the last occurrence of the (right-stripped) content; a template that rewrote the
+    content beyond recognition falls back to the content alone."""
+    body = content.rstrip()
+    end = response_text.rfind(body) if body else -1
+    return response_text[:end + len(body)] if end >= 0 else content
 
 
 def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int,
@@ -81,18 +106,28 @@ def build(prompt_ids: list[int], response_ids: list[int]) -> Example:
     return Example(prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids)
 
 
+def is_complete(row: dict, column: str) -> bool:
+    """Whether the response of `column` ended on its own. Only an explicit "length" is a cut response:
+    shards written before finish reasons were recorded (no column, or null) read as complete, which is
+    how they were trained before."""
+    return row.get(column) != "length"
+
+
 def preference_examples(tokenizer, row: dict, max_length: int, max_prompt_length: int) -> tuple[Example, Example]:
-    """(chosen, rejected) sequences of one TRL conversational preference row; other columns are ignored."""
+    """(chosen, rejected) sequences of one TRL conversational preference row. `chosen_finish_reason` /
+    `rejected_finish_reason` = "length" leave out that response's end-of-turn tokens; other columns are ignored."""
     prompt = _messages(row["prompt"])
-    p, c = render_pair_ids(tokenizer, prompt, _messages(row["chosen"]))
-    _, r = render_pair_ids(tokenizer, prompt, _messages(row["rejected"]))
+    p, c = render_pair_ids(tokenizer, prompt, _messages(row["chosen"]), is_complete(row, "chosen_finish_reason"))
+    _, r = render_pair_ids(tokenizer, prompt, _messages(row["rejected"]), is_complete(row, "rejected_finish_reason"))
     p, (c, r) = truncate(p, [c, r], max_length, max_prompt_length)
     return build(p, c), build(p, r)
 
 
 def sft_example(tokenizer, row: dict, max_length: int, max_prompt_length: int) -> Example:
-    """The sequence of one TRL prompt-completion row (conversational `prompt` and `completion`)."""
-    p, c = render_pair_ids(tokenizer, _messages(row["prompt"]), _messages(row["completion"]))
+    """The sequence of one TRL prompt-completion row (conversational `prompt` and `completion`;
+    `completion_finish_reason` = "length" leaves out the end-of-turn tokens)."""
+    p, c = render_pair_ids(tokenizer, _messages(row["prompt"]), _messages(row["completion"]),
+                           is_complete(row, "completion_finish_reason"))
     p, (c,) = truncate(p, [c], max_length, max_prompt_length)
     return build(p, c)
 

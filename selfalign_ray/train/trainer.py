@@ -43,6 +43,21 @@ from selfalign_ray.train.worker import (
 log = logging.getLogger(__name__)
 
 COLUMNS = {"simpo": ["prompt", "chosen", "rejected"], "sft": ["prompt", "completion"]}
+# Read as well when every file has them: finish reasons ("length" = a response cut at max_tokens, trained
+# without its end-of-turn tokens; train/data.py). Files written before they existed read as complete.
+OPTIONAL_COLUMNS = {"simpo": ["chosen_finish_reason", "rejected_finish_reason"], "sft": ["completion_finish_reason"]}
+
+
+def _columns(objective: str, files: list[str]) -> list[str]:
+    import pyarrow.parquet as pq
+
+    names = [set(pq.read_schema(f).names) for f in files]
+    optional = [c for c in OPTIONAL_COLUMNS[objective] if all(c in n for n in names)]
+    partial = [c for c in OPTIONAL_COLUMNS[objective] if c not in optional and any(c in n for n in names)]
+    if partial:
+        log.warning("column(s) %s are missing from some training files: every response is trained as complete",
+                    partial)
+    return COLUMNS[objective] + optional
 FINGERPRINT_FILE = "selfalign_run.json"
 
 
@@ -147,6 +162,7 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
         raise ConfigError("train_model: no training files")
     columns = COLUMNS[objective]
     rows = _count_rows(train_files, columns)
+    columns = _columns(objective, list(train_files) + list(eval_files or []))
     plan = StepPlan.build(rows, cfg)
     ds_cfg = deepspeed_config(deepspeed_cfg, cfg, model_path=model_path)
     _check_cpu_budget(cfg)
