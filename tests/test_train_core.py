@@ -209,3 +209,28 @@ def test_smoke_resolves_presets_and_knows_gpu_peaks(tiny_model_path):
     for chosen, rejected in random_pairs(5, 512, 64, random.Random(0)):
         assert len(chosen.input_ids) <= 64 and len(rejected.input_ids) <= 64
         assert chosen.input_ids[:3] == rejected.input_ids[:3] and all(3 <= t < 512 for t in chosen.input_ids)
+
+
+def test_precomputed_boundaries_reach_every_attention_layer(tiny_model_path):
+    """The CPU stand-in for flash-attention-2: an attention function registered with transformers records the
+    kwargs each layer receives when the packed batch's model inputs (built for FA2) go through the real model."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from selfalign_ray.train.data import collate
+    from selfalign_ray.train.objectives import model_inputs
+
+    seen = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append((kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_q")))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("selfalign_test_recording", recording)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="selfalign_test_recording")
+    packed = collate(_examples(), 0, True)
+    with torch.no_grad():
+        model(**model_inputs(packed, "cpu", "flash_attention_2"))
+    assert len(seen) == model.config.num_hidden_layers
+    for cu_q, cu_k, longest in seen:
+        assert cu_q.tolist() == cu_k.tolist() == [0, 4, 7, 12, 18] and longest == 6

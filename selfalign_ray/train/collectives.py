@@ -22,15 +22,6 @@ def backend_for(device: torch.device | str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def training_device(use_gpu: bool) -> torch.device:
-    """This process's training device: its current CUDA device (Ray Train and torchrun set LOCAL_RANK's) or CPU."""
-    if use_gpu:
-        if not torch.cuda.is_available():
-            raise RuntimeError("use_gpu is set but torch sees no CUDA device in this process")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def same_device(actual: torch.device, expected: torch.device) -> bool:
     """`cuda:1` is not `cuda:0`; an expected device without an index (`cuda`) accepts any index."""
     if actual.type != expected.type:
