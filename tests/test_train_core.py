@@ -106,6 +106,20 @@ def test_non_finite_loss_or_gradient_stops_before_the_update(core_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(700)
+def test_random_weights_from_a_llama_shape_are_initialised_and_train(core_runs, tiny_model_path):
+    """`smoke --llama-shape` (the GPU check's 1B model) on CPU with the tiny shape: built from the config under
+    zero.Init, initialised (not left empty), one finite step."""
+    from transformers import AutoModelForCausalLM
+
+    report = json.loads((core_runs / "w1" / "from_config.json").read_text())
+    same_shape = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    assert report["params"] == sum(p.numel() for p in same_shape.parameters())
+    assert report["all_finite"] and all(0.005 < s < 0.1 for s in report["weights_std"].values()), report
+    assert math.isfinite(report["loss"]) and math.isfinite(report["grad_norm"]) and report["grad_norm"] > 0
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_smoke_two_cpu_processes(tmp_path, tiny_model_path):
     out = _torchrun(2, ["-m", "selfalign_ray.train.smoke", "--model", "tiny_random", "--steps", "3",

@@ -169,6 +169,31 @@ def part_nonfinite(out: Path, cfg, engine) -> None:
         (out / "nonfinite.json").write_text(json.dumps(report, indent=2))
 
 
+def part_from_config(out: Path, cfg) -> None:
+    """smoke --llama-shape: random weights built from a config under zero.Init, initialised, and one step."""
+    from omegaconf import OmegaConf
+    from transformers import LlamaConfig
+
+    from selfalign_ray.models.tiny import tiny_random_path
+    from selfalign_ray.train.core import TrainCore, build_engine, partition_stats
+    from selfalign_ray.train.deepspeed_config import deepspeed_config
+    from selfalign_ray.train.schedule import StepPlan
+    from selfalign_ray.train.smoke import CONF, LLAMA_SHAPES
+
+    rank = int(os.environ["RANK"])
+    ds = deepspeed_config(OmegaConf.load(CONF / "deepspeed" / "zero3.yaml"), cfg)
+    _, engine, _hf = build_engine(str(tiny_random_path()), cfg, ds, StepPlan.build(64, cfg),
+                                  model_config=LlamaConfig(**LLAMA_SHAPES["tiny"]))
+    params = full_params(engine, rank)
+    result = TrainCore(engine, cfg, "simpo").train_step(batches_for(LAYOUTS[1]["even"], rank, "simpo", True), step=1)
+    if rank == 0:
+        (out / "from_config.json").write_text(json.dumps({
+            "params": partition_stats(engine.module)["total"],
+            "all_finite": all(bool(torch.isfinite(p).all()) for p in params.values()),
+            "weights_std": {k: float(v.std()) for k, v in params.items() if v.dim() == 2},
+            "loss": result.metrics["loss"], "grad_norm": result.grad_norm}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nonfinite", action="store_true", help="then the non-finite steps (1 process)")
@@ -179,6 +204,7 @@ def main() -> None:
     cfg, engine, _hf = part_normalisation(out)
     if args.nonfinite:
         part_nonfinite(out, cfg, engine)
+        part_from_config(out, cfg)
     torch.distributed.destroy_process_group()
 
 

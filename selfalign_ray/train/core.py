@@ -108,9 +108,9 @@ def build_engine(model_path: str, cfg: TrainConfig, ds_cfg: dict, plan: StepPlan
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     attn = _attn_implementation(cfg)
     if model_config is not None:
-        model_config._attn_implementation = attn
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, dtype=dtype):
-            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        # Under hf_ds, from_config builds inside zero.Init and then initialises the partitioned weights itself
+        # (transformers' initialize_weights_zero3).
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
     if cfg.gradient_checkpointing:

@@ -14,7 +14,7 @@ torch.cuda.max_memory_allocated on GPU, the maximum over ranks), and MFU = 6 x p
 usual dense-transformer estimate; it leaves out attention's s^2 term, so MFU is a slight underestimate.
 
 --model: a conf/model preset name (tiny_random builds locally) or an HF model directory.
---llama-shape 1b|8b-2l: random weights of that Llama shape built under zero.Init (tokenizer of tiny_random,
+--llama-shape 1b|8b-2l|tiny: random weights of that Llama shape built under zero.Init (tokenizer of tiny_random,
 used only for the HF export with --out).
 """
 
@@ -39,6 +39,9 @@ LLAMA_SHAPES = {
     # Two layers of Llama-3-8B: per-layer throughput of the 8B shape.
     "8b-2l": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # The tiny_random shape: the CPU check of this code path (tests/test_train_core.py).
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True),
 }
 # Dense bf16 tensor-core peak per GPU (datasheets, no sparsity), matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
