@@ -6,9 +6,9 @@ ranks agree on where the optimizer steps fall without talking to each other.
 Ray's equal split gives every rank rows // world rows (a remainder of fewer than `world` rows is left out:
 ranks with unequal batch counts would wait on each other's collectives forever). Each epoch a rank runs
 ceil(rows_per_rank / per_device_batch_size) micro-batches, grouped into windows of `grad_accum`; the last
-window of an epoch may be shorter and still makes an optimizer step (its gradient is the mean over the
-micro-batches it has). A dataset smaller than one global batch therefore makes one optimizer step per epoch
-on what there is.
+window of an epoch may be shorter and still makes an optimizer step (its loss is the mean over the pairs, or
+SFT response tokens, it has: train/core.py normalises by the step's global count). A dataset smaller than
+one global batch therefore makes one optimizer step per epoch on what there is.
 """
 
 from __future__ import annotations
@@ -55,11 +55,6 @@ class StepPlan:
     @property
     def smaller_than_global_batch(self) -> bool:
         return self.micro_per_epoch < self.grad_accum
-
-    def window_size(self, micro: int) -> int:
-        """Micro-batches in the accumulation window that micro-batch `micro` (0-based, in its epoch) belongs to."""
-        start = micro - micro % self.grad_accum
-        return min(self.grad_accum, self.micro_per_epoch - start)
 
     def is_boundary(self, micro: int) -> bool:
         """Does micro-batch `micro` close its window (the optimizer steps after it)?"""

@@ -36,6 +36,7 @@ from selfalign_ray.train.worker import (
     CRASH_ENV,
     CRASH_MARKER,
     HISTORY_FILE,
+    NONFINITE_MARKER,
     SUMMARY_FILE,
     train_worker,
 )
@@ -210,7 +211,16 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
-    trainer.fit()
+    # A marker left by an earlier call is stale: this call trains again (resumed or fresh).
+    (out / NONFINITE_MARKER).unlink(missing_ok=True)
+    try:
+        trainer.fit()
+    except Exception as err:
+        # A non-finite loss/gradient is final (worker.NONFINITE_MARKER): its message, not Ray's wrapper.
+        marker = out / NONFINITE_MARKER
+        if marker.exists():
+            raise FloatingPointError(marker.read_text().strip()) from err
+        raise
 
     summary = json.loads((out / SUMMARY_FILE).read_text())
     summary.update(wall_s=round(time.time() - started, 1), resumed_interrupted_run=resumed)

@@ -1,19 +1,25 @@
-"""What every Ray Train worker runs: a DeepSpeed ZeRO-3 engine over this rank's stream of the shards.
+"""What every Ray Train worker runs: the training core (train/core.py) over this rank's stream of the shards.
 
     load (partitioned at load) -> restore the last checkpoint, if any -> evaluate (before)
-    -> micro-batches, accumulated into optimizer steps (metrics + checkpoints through ray.train.report)
-    -> evaluate (after) -> gather the partitions, rank 0 writes the HF directory
+    -> accumulation windows of micro-batches, one optimizer step each (metrics + checkpoints through
+       ray.train.report) -> evaluate (after) -> gather the partitions, rank 0 writes the HF directory
+
+The Ray parts live here (dataset shard, ray.train.report, get_checkpoint, TrainRecorder); the per-step
+machinery is the Ray-free core that `python -m selfalign_ray.train.smoke` also runs under torchrun.
 
 After a worker dies, Ray Train (FailureConfig) restarts the whole group; each new worker loads the last
 reported DeepSpeed checkpoint and skips the micro-batches that were consumed before it, without
 tokenising them. Skipping by count is exact because the driver asks Ray Data for a deterministic order
 (preserve_order) and the shuffle buffer is seeded per epoch.
+
+A non-finite loss or gradient is not a failure a restart cures: rank 0 writes NONFINITE_MARKER with the
+message, every rank raises core.NonFiniteError, a restarted group finds the marker and raises again before
+loading anything, and the driver (trainer.train_model) reports the marker's message as the run's failure.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -21,9 +27,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from selfalign_ray.train.config import TrainConfig
+from selfalign_ray.train.core import (  # noqa: F401  (_attn_implementation, make_adamw: imported from here)
+    NonFiniteError,
+    TrainCore,
+    _attn_implementation,
+    build_engine,
+    configure_runtime,
+    load_checkpoint,
+    make_adamw,
+    partition_stats,
+    save_checkpoint,
+    save_hf,
+    windows,
+)
 from selfalign_ray.train.metrics import TrainRecorder
-from selfalign_ray.train.objectives import MetricWindow, run_micro_batch, summarise
-from selfalign_ray.train.schedule import StepPlan, lr_multiplier
+from selfalign_ray.train.schedule import StepPlan
 
 HISTORY_FILE = "train_history.jsonl"
 SUMMARY_FILE = "train_summary.json"
@@ -33,6 +51,8 @@ CHECKPOINT_TAG = "ckpt"
 # output dir makes this happen on the first attempt only, so the restarted group runs through.
 CRASH_ENV = "SELFALIGN_TEST_CRASH_AT_STEP"
 CRASH_MARKER = ".test_crash_fired"
+# Written by rank 0 when a step meets a non-finite loss or gradient (see the module docstring).
+NONFINITE_MARKER = ".nonfinite_stop"
 
 
 @dataclass
@@ -76,113 +96,19 @@ class MicroBatches:
             yield index, collate(examples, self.pad_id, cfg.padding_free)
 
 
-def make_adamw(params, lr: float, weight_decay: float):
-    """torch AdamW with the fused kernel where torch has one for the device (CPU and CUDA do).
-
-    Why: the default on CPU is the per-tensor Python loop. Under ZeRO-3 it steps one flat fp32 partition,
-    and py-spy of a Ray Train worker (bench/RESULTS.md, SmolLM2-135M) showed that loop at 26 % of the step;
-    the fused kernel does the same update ~6x faster (0.20 s vs 1.20 s for 135M parameters, 1 thread)."""
-    import torch
-
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except RuntimeError:  # a device or dtype without a fused kernel
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def _configure_runtime(cfg: TrainConfig) -> None:
-    import deepspeed
-    import torch
-    from transformers import set_seed
-
-    if not cfg.use_gpu:
-        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
-        if not cfg.cpu_shm_comm:
-            # DeepSpeed's CPU backend would build its shared-memory all-reduce op with gcc on first use
-            # (~40 s, and a compiler on every node). deepspeed.ops.__compatible_ops__ is the switch its
-            # comm layer reads (deepspeed/comm/torch.py: build_shm_op); with the op marked unavailable it
-            # uses Ray's gloo process group as is. The alternative is prebuilding the op into the wheel:
-            # DS_BUILD_SHM_COMM=1 pip install deepspeed.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    set_seed(cfg.seed)
-    # Ray Train already created the process group (gloo / nccl); DeepSpeed adopts it.
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
-
-
-def _attn_implementation(model_path: str, cfg: TrainConfig) -> str:
-    """The attention kernel (selfalign_ray/models/attention.py: soft-capped models never run SDPA; auto on GPU
-    without flash-attn warns loudly and turns packing off). `cfg` is this worker's own copy: a packing
-    fallback lands in cfg.padding_free before the data iterator reads it."""
-    from selfalign_ray.models.attention import resolve_attention
-
-    choice = resolve_attention(model_path, cfg.attn_implementation, use_gpu=cfg.use_gpu,
-                               padding_free=cfg.padding_free, where="train.attn_implementation")
-    cfg.padding_free = choice.padding_free
-    return choice.implementation
-
-
-def _build_engine(model_path: str, cfg: TrainConfig, ds_cfg: dict, plan: StepPlan):
-    import deepspeed
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    # While this object is alive, from_pretrained builds the model under deepspeed.zero.Init: every rank
-    # loads its own partition (a collective call: all ranks must load together; the full model never sits
-    # on one device). Kept referenced by the caller for the same reason.
-    hf_ds = HfDeepSpeedConfig(ds_cfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-        attn_implementation=_attn_implementation(model_path, cfg))
-    if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing is the variant that works with ZeRO-3's parameter hooks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # torch AdamW as a client optimizer: no C++/CUDA op to build; ZeRO-3 partitions its state.
-    optimizer = make_adamw(model.parameters(), cfg.learning_rate, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_multiplier(cfg.lr_scheduler, plan.warmup_steps, plan.total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    return tokenizer, engine, hf_ds
-
-
-def partition_stats(module) -> dict:
-    """How ZeRO-3 holds the parameters on this rank.
-
-    total: elements of the full model; partition: elements this rank owns (~total / world);
-    materialised: elements currently present in full on this rank outside any gather (0 when every
-    parameter is partitioned; persistent small parameters would show up here).
-    """
-    total = partition = materialised = 0
-    for p in module.parameters():
-        total += getattr(p, "ds_numel", p.numel())
-        partition += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
-        materialised += p.numel()
-    return {"total": total, "partition": partition, "materialised": materialised}
-
-
-def evaluate(engine, data: MicroBatches, cfg: TrainConfig, objective: str) -> dict:
+def evaluate(core: TrainCore, data: MicroBatches) -> dict:
     """No-grad pass over a whole shard, summed over all ranks: preference accuracy and mean margin of
-    beta * avg log-prob (SimPO; ties count as wrong), or mean loss (SFT)."""
-    import torch
-
-    engine.eval()
-    window = MetricWindow()
-    with torch.no_grad():
-        for _, batch in data.iterate(shuffle=False):
-            window.add(run_micro_batch(engine, batch, cfg, objective))
-    engine.train()
-    s = summarise(window.all_ranks(), objective)
-    if objective == "simpo":
+    beta * avg log-prob (SimPO; ties count as wrong), or mean loss per response token (SFT)."""
+    s = core.evaluate(batch for _, batch in data.iterate(shuffle=False))
+    if core.objective == "simpo":
         return {"preference_accuracy": s["preference_accuracy"], "mean_margin": s["margin"],
                 "reward_chosen": s["reward_chosen"], "reward_rejected": s["reward_rejected"],
                 "mean_loss": s["loss"], "pairs": s["examples"]}
     return {"mean_loss": s["loss"], "token_nll": s["token_nll"], "examples": s["examples"]}
 
 
-def _evaluate_all(engine, sets: dict, cfg: TrainConfig, objective: str) -> dict:
-    return {name: evaluate(engine, data, cfg, objective) for name, data in sets.items()}
+def _evaluate_all(core: TrainCore, sets: dict) -> dict:
+    return {name: evaluate(core, data) for name, data in sets.items()}
 
 
 def _save_checkpoint_and_report(engine, metrics: dict, progress: Progress) -> None:
@@ -190,9 +116,8 @@ def _save_checkpoint_and_report(engine, metrics: dict, progress: Progress) -> No
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory() as d:
-        # Each rank writes its own ZeRO partition files (names carry the rank); Ray Train gathers all
-        # ranks' files into one checkpoint directory in storage.
-        engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={"progress": asdict(progress)})
+        # Ray Train gathers all ranks' partition files into one checkpoint directory in storage.
+        save_checkpoint(engine, d, CHECKPOINT_TAG, {"progress": asdict(progress)})
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
@@ -203,7 +128,7 @@ def _restore(engine) -> Progress | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
-        _, client = engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
+        client = load_checkpoint(engine, d, CHECKPOINT_TAG)
     return Progress(**client["progress"])
 
 
@@ -215,22 +140,11 @@ def _maybe_crash_for_test(crash_at: int, step: int, rank: int, world: int, out: 
             os._exit(1)
 
 
-def save_hf(engine, tokenizer, out: Path, rank: int) -> None:
-    """Gather the ZeRO-3 partitions one tensor at a time (peak memory: one full tensor, not the model),
-    copy them to CPU on rank 0 and write safetensors + tokenizer (with its chat template) there."""
-    import deepspeed
-
-    module = engine.module
-    state = {}
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if rank == 0:
-                state[name] = param.detach().to("cpu", copy=True)
-    if rank == 0:
-        keys = set(module.state_dict().keys())
-        state.update({name: b.detach().cpu() for name, b in module.named_buffers() if name in keys})
-        module.save_pretrained(out, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+def _refuse_after_nonfinite(out: Path) -> None:
+    """A restarted group (FailureConfig) would meet the same non-finite values on the same data: stop at once."""
+    marker = out / NONFINITE_MARKER
+    if marker.exists():
+        raise NonFiniteError(f"{marker.read_text().strip()} (not retried: the same data would fail the same way)")
 
 
 def train_worker(config: dict) -> None:
@@ -243,9 +157,11 @@ def train_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     started = time.time()
+    _refuse_after_nonfinite(out)
 
-    _configure_runtime(cfg)
-    tokenizer, engine, _hf_ds = _build_engine(config["model_path"], cfg, config["deepspeed"], plan)
+    configure_runtime(cfg)
+    tokenizer, engine, _hf_ds = build_engine(config["model_path"], cfg, config["deepspeed"], plan)
+    core = TrainCore(engine, cfg, objective)
     partition = partition_stats(engine.module)
     restored = _restore(engine)
     restored_from_step = restored.step if restored else None  # `progress` below advances this same object
@@ -256,38 +172,34 @@ def train_worker(config: dict) -> None:
     if config["has_eval"]:
         eval_sets["eval"] = MicroBatches(ray.train.get_dataset_shard("eval"), tokenizer, cfg, objective)
     if progress.before is None and cfg.eval_before_after:
-        progress.before = _evaluate_all(engine, eval_sets, cfg, objective)
+        progress.before = _evaluate_all(core, eval_sets)
 
     history = out / HISTORY_FILE
     recorder = TrainRecorder.for_worker(ctx, plan.total_steps, progress.step)  # rank 0: tqdm bar + Ray metrics
     for epoch in range(progress.epoch, cfg.epochs):
         skip = progress.micro_in_epoch if epoch == progress.epoch else 0
-        window, window_started, seen = MetricWindow(), time.time(), skip
-        for micro, batch in train_data.iterate(epoch, skip=skip):
-            seen += 1
-            boundary = plan.is_boundary(micro)
-            # We own the accumulation boundary so that a short last window still steps, and we average the
-            # gradient over the micro-batches the window really has (DeepSpeed would divide by grad_accum).
-            engine.set_gradient_accumulation_boundary(boundary)
-            out_mb = run_micro_batch(engine, batch, cfg, objective)
-            engine.backward(out_mb.loss / plan.window_size(micro), scale_wrt_gas=False)
-            lr = engine.get_lr()[0]  # the rate this window's update uses
-            engine.step()  # every micro-batch: DeepSpeed counts them; only a boundary updates the weights
-            window.add(out_mb)
-            if not boundary:
-                continue
-            totals = window.all_ranks()
+        seen, window_started = skip, time.time()
+        for window in windows(train_data.iterate(epoch, skip=skip), plan):
+            seen += len(window)
+            first, last = window[0][0], window[-1][0]
+            try:
+                result = core.train_step([b for _, b in window], step=progress.step + 1, epoch=epoch,
+                                         first_micro=first)
+            except NonFiniteError as err:
+                if rank == 0:
+                    (out / NONFINITE_MARKER).write_text(str(err))
+                raise
+            # Wall time of the window, reading its micro-batches from the shard included (as before the core).
             elapsed = time.time() - window_started
+            totals = result.totals
             progress.step += 1
             progress.train_s += elapsed
             progress.tokens += totals["tokens"]
-            last_in_epoch = micro + 1 == plan.micro_per_epoch
-            progress.epoch, progress.micro_in_epoch = (epoch + 1, 0) if last_in_epoch else (epoch, micro + 1)
-            metrics = {"step": progress.step, "epoch": epoch, **summarise(totals, objective), "lr": lr,
-                       "tokens": int(totals["tokens"]), "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9)}
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"non-finite loss {metrics['loss']} at optimizer step {progress.step} "
-                                         f"(epoch {epoch}, micro-batch {micro}); the last checkpoint is kept")
+            last_in_epoch = last + 1 == plan.micro_per_epoch
+            progress.epoch, progress.micro_in_epoch = (epoch + 1, 0) if last_in_epoch else (epoch, last + 1)
+            metrics = {"step": progress.step, "epoch": epoch, **result.metrics, "lr": result.lr,
+                       "grad_norm": result.grad_norm, "tokens": int(totals["tokens"]),
+                       "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9)}
             if rank == 0:
                 with open(history, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -297,13 +209,13 @@ def train_worker(config: dict) -> None:
                 _save_checkpoint_and_report(engine, metrics, progress)
             else:
                 ray.train.report(metrics)
-            window, window_started = MetricWindow(), time.time()
+            window_started = time.time()
         if seen != plan.micro_per_epoch:  # every rank sees the same count, so all raise together
             raise RuntimeError(f"rank {rank} got {seen} micro-batches in epoch {epoch}, the plan expected "
                                f"{plan.micro_per_epoch} ({plan.rows_per_rank} rows per rank)")
 
     recorder.close()
-    after = _evaluate_all(engine, eval_sets, cfg, objective) if cfg.eval_before_after else None
+    after = _evaluate_all(core, eval_sets) if cfg.eval_before_after else None
     save_hf(engine, tokenizer, out, rank)
     if rank == 0:
         before = progress.before or {}
@@ -320,7 +232,7 @@ def train_worker(config: dict) -> None:
             "restored_from_step": restored_from_step,
             "zero3_partition_rank0": partition,
             # What the model really ran (models/attention.py) and whether micro-batches were packed.
-            "attn_implementation": engine.module.config._attn_implementation, "padding_free": cfg.padding_free,
+            "attn_implementation": core.attn, "padding_free": cfg.padding_free,
         }
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     ray.train.report({"step": progress.step, "done": 1})
