@@ -188,7 +188,7 @@ class Bench:
         a = self.args
         cfg = {"beta": 10.0, "gamma_beta_ratio": 0.3, "learning_rate": 1e-6, "max_length": 512,
                "max_prompt_length": 256, "per_device_batch_size": a.batch, "global_batch_size": a.batch,
-               "num_workers": 1, "cpus_per_worker": 1, "torch_threads": a.threads, "shuffle_buffer_rows": 0,
+               "num_workers": 1, "cpus_per_worker": 1, "torch_threads": a.threads,
                "eval_before_after": False, "checkpoint_every_steps": 10**6, "max_failures": 0,
                "warmup_ratio": 0.0, "seed": a.seed}
         out = Path(tempfile.mkdtemp(dir=self.tmp))

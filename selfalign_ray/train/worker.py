@@ -6,8 +6,8 @@
 
 After a worker dies, Ray Train (FailureConfig) restarts the whole group; each new worker loads the last
 reported DeepSpeed checkpoint and skips the micro-batches that were consumed before it, without
-tokenising them. Skipping by count is exact because the driver asks Ray Data for a deterministic order
-(preserve_order) and the shuffle buffer is seeded per epoch.
+tokenising them. Skipping by count is exact because the driver hands Ray Data one seeded permutation of
+the rows, split deterministically (train/order.py, preserve_order).
 """
 
 from __future__ import annotations
@@ -54,16 +54,13 @@ class MicroBatches:
         self.shard, self.tok, self.cfg, self.objective = shard, tokenizer, cfg, objective
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def iterate(self, epoch: int = 0, skip: int = 0, shuffle: bool = True):
-        """Yield (index in epoch, batch); the first `skip` micro-batches are passed over untouched."""
+    def iterate(self, epoch: int = 0, skip: int = 0):
+        """Yield (index in epoch, batch); the first `skip` micro-batches are passed over untouched.
+        The shard already arrives in the seeded global order (train/order.py); `epoch` only labels it."""
         from selfalign_ray.train.data import collate, preference_examples, sft_example
 
         cfg = self.cfg
-        shuffle_rows = cfg.shuffle_buffer_rows if shuffle else 0
-        tables = self.shard.iter_batches(
-            batch_size=cfg.per_device_batch_size, batch_format="pyarrow",
-            local_shuffle_buffer_size=shuffle_rows or None,
-            local_shuffle_seed=cfg.seed + epoch if shuffle_rows else None)
+        tables = self.shard.iter_batches(batch_size=cfg.per_device_batch_size, batch_format="pyarrow")
         for index, table in enumerate(tables):
             if index < skip:
                 continue
@@ -171,7 +168,7 @@ def evaluate(engine, data: MicroBatches, cfg: TrainConfig, objective: str) -> di
     engine.eval()
     window = MetricWindow()
     with torch.no_grad():
-        for _, batch in data.iterate(shuffle=False):
+        for _, batch in data.iterate():
             window.add(run_micro_batch(engine, batch, cfg, objective))
     engine.train()
     s = summarise(window.all_ranks(), objective)
