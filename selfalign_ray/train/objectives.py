@@ -12,6 +12,7 @@ import torch
 
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.data import num_tokens, response_logps
+from selfalign_ray.train.logprobs import response_logps_chunked
 from selfalign_ray.train.simpo import simpo_loss
 
 OBJECTIVES = ("simpo", "sft")
@@ -34,8 +35,10 @@ def run_micro_batch(model, batch: dict[str, torch.Tensor], cfg: TrainConfig, obj
     for key in ("attention_mask", "position_ids"):
         if key in batch:
             inputs[key] = batch[key]
-    logits = model(**inputs).logits
-    sums, counts = response_logps(logits, batch)
+    if cfg.logprob_chunk_tokens:  # LM head in chunks over the response tokens only (train/logprobs.py)
+        sums, counts = response_logps_chunked(model, batch, cfg.logprob_chunk_tokens)
+    else:
+        sums, counts = response_logps(model(**inputs).logits, batch)
     tokens, response_tokens = num_tokens(batch), int(counts.sum())
     if objective == "sft":
         # Token-mean NLL over the micro-batch, as HF/TRL SFT does.
