@@ -73,6 +73,7 @@ def response_logps_chunked(model, batch: dict[str, torch.Tensor],
             inputs[key] = batch[key]
     out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1]  # after the final norm: what the LM head reads
+    del out  # the other layers' states (autograd keeps what backward needs)
     targets = batch["labels"][:, 1:]
     counted = targets != IGNORE
     if "sequence_index" in batch:  # packed: tokens -> their sequence
