@@ -96,7 +96,7 @@ def train_variant(args, name: str, parquet: str, model_path: str, ds_cfg, workdi
         budget = BUDGETS[name]
         cfg = {"beta": 10.0, "gamma_beta_ratio": 0.3, "learning_rate": 1e-6, "max_length": 512,
                "max_prompt_length": 256, "per_device_batch_size": 2, "global_batch_size": args.global_batch,
-               "shuffle_buffer_rows": 0, "eval_before_after": False, "checkpoint_every_steps": 10**6,
+               "eval_before_after": False, "checkpoint_every_steps": 10**6,
                "max_failures": 0, "warmup_ratio": 0.0, "seed": 0, **budget}
         out = Path(tempfile.mkdtemp(dir=workdir))
         with RSSSampler() as mem:

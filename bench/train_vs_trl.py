@@ -26,6 +26,25 @@ the batch, forward, backward, clipping, optimizer step); the first --warmup step
 Tokens = real (non-pad) tokens of chosen + rejected (prompt + response each), each side counting what its own
 tokenisation fed the model (TRL appends an extra EOS after the template's `<|im_end|>\\n`, so it has ~1 more
 token per sequence). Ratio = ours tokens/s / TRL tokens/s (target >= 1.3); pairs/s ratio printed as well.
+
+Long sequences (--long): pairs of fixed length (--long-tokens, default 2048 tokens per sequence, prompt + answer;
+answers are corpus paragraphs joined past the limit, so every sequence is cut to exactly max_length), one pair
+per optimizer step, --steps timed steps after --warmup, each variant in its OWN subprocess so that its peak
+memory (ru_maxrss of that process: weights, optimizer state, activations, logits) is its own:
+  trl_fp32        : CPOTrainer(loss_type="simpo", cpo_alpha=0), bf16=False (CPOConfig defaults to bf16=True,
+                    even on CPU), max_length = --long-tokens
+  trl_bf16        : the same with CPOConfig's default bf16=True (autocast bf16 on CPU; fp32 master weights)
+  ours_full       : our step (ours_direct) with train.logprob_chunk_tokens=0: the model's full logits (before)
+  ours_chunked    : our step with train.logprob_chunk_tokens=1024 (the default): train/logprobs.py (after)
+  ours_chunked_gc : ours_chunked + gradient checkpointing (train.gradient_checkpointing=true, non-reentrant)
+Ours: max_prompt_length 32 (so the prompt is cut to 32 tokens and the answers fill the rest: both sides train
+on sequences of exactly --long-tokens tokens). Precision is printed per variant.
+
+Memory curve (--memory-curve): peak bytes of the tensors made during one forward + backward of one pair, by
+selfalign_ray/train/tensor_memory.LiveTensorPeak (deterministic, op by op; weights and optimizer excluded),
+full logits vs chunked, at --curve-lengths tokens per sequence, on the model's architecture cut to
+--curve-layers decoder layers (random weights; the logits part does not depend on the depth, and the curve
+stays cheap).
 """
 
 from __future__ import annotations
@@ -188,7 +207,7 @@ class Bench:
         a = self.args
         cfg = {"beta": 10.0, "gamma_beta_ratio": 0.3, "learning_rate": 1e-6, "max_length": 512,
                "max_prompt_length": 256, "per_device_batch_size": a.batch, "global_batch_size": a.batch,
-               "num_workers": 1, "cpus_per_worker": 1, "torch_threads": a.threads, "shuffle_buffer_rows": 0,
+               "num_workers": 1, "cpus_per_worker": 1, "torch_threads": a.threads,
                "eval_before_after": False, "checkpoint_every_steps": 10**6, "max_failures": 0,
                "warmup_ratio": 0.0, "seed": a.seed}
         out = Path(tempfile.mkdtemp(dir=self.tmp))
@@ -204,6 +223,173 @@ class Bench:
         return {"steps": len(times), "seconds": sum(times), "tokens": sum(toks), "tok_s": sum(toks) / sum(times),
                 "pairs_s": a.batch * len(times) / sum(times), "step_s": [round(t, 2) for t in times],
                 "threads": a.threads}
+
+
+# ------------------------------------------------------------------------------------------- long sequences
+LONG_VARIANTS = ("trl_fp32", "trl_bf16", "ours_full", "ours_chunked", "ours_chunked_gc")
+
+
+def make_long_pairs(n: int, seed: int, words: int) -> list[dict]:
+    """Like make_pairs, but every answer joins random corpus paragraphs until it has `words` words."""
+    builtin = ROOT / "selfalign_ray" / "builtin"
+    prompts = [json.loads(x)["instruction"] for x in (builtin / "eval_prompts.jsonl").read_text().splitlines() if x.strip()]
+    paras = [p.split() for p in (builtin / "corpus.txt").read_text().split("\n\n") if p.strip()]
+    rng = random.Random(seed)
+
+    def answer():
+        out = []
+        while len(out) < words:
+            out += rng.choice(paras)
+        return " ".join(out[:words])
+
+    return [{"prompt": [{"role": "user", "content": prompts[i % len(prompts)]}],
+             "chosen": [{"role": "assistant", "content": answer()}],
+             "rejected": [{"role": "assistant", "content": answer()}]} for i in range(n)]
+
+
+def long_child(args) -> dict:
+    """One long-sequence variant in this (fresh) process; returns its timings and this process's peak RSS."""
+    import resource
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from selfalign_ray.cli import compose
+    from selfalign_ray.models.resolve import resolve_model_path
+
+    torch.set_num_threads(args.threads)
+    cfg = compose([f"model={args.model}"])
+    model_path = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
+    n_steps = args.steps + args.warmup
+    rows = make_long_pairs(n_steps, args.seed, words=int(args.long_tokens * 1.5))
+    name, L = args.long_child, args.long_tokens
+    tokens, ends, losses = [], [], []
+    if name.startswith("trl"):
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        class Counting(CPOTrainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                tokens.append(int(inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()))
+                out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                losses.append(float(out[0] if isinstance(out, tuple) else out))
+                return out
+
+        class Stamp(TrainerCallback):
+            def on_step_end(self, a, state, control, **kw):
+                ends.append(time.perf_counter())
+
+        bf16 = name == "trl_bf16"
+        tcfg = CPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_long_"), loss_type="simpo", cpo_alpha=0.0,
+                         beta=10.0, simpo_gamma=3.0, learning_rate=1e-6, max_length=L, per_device_train_batch_size=1,
+                         gradient_accumulation_steps=1, max_steps=n_steps, optim=args.trl_optim, max_grad_norm=1.0,
+                         lr_scheduler_type="cosine", warmup_steps=0, train_sampling_strategy="sequential",
+                         use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**6,
+                         dataloader_num_workers=0, seed=args.seed, disable_tqdm=True, bf16=bf16)
+        trainer = Counting(model=load_model(model_path), args=tcfg, train_dataset=Dataset.from_list(rows),
+                           processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[Stamp()])
+        precision = "bf16 autocast (fp32 weights)" if bf16 else "fp32"
+        start = time.perf_counter()
+        trainer.train()
+    else:
+        from selfalign_ray.train.config import TrainConfig
+        from selfalign_ray.train.data import collate, preference_examples
+        from selfalign_ray.train.objectives import run_micro_batch
+        from selfalign_ray.train.worker import make_adamw
+
+        chunk = 0 if name == "ours_full" else 1024
+        tcfg = TrainConfig(beta=10.0, gamma_beta_ratio=0.3, learning_rate=1e-6, max_length=L, max_prompt_length=32,
+                           per_device_batch_size=1, global_batch_size=1, num_workers=1, logprob_chunk_tokens=chunk)
+        tok = AutoTokenizer.from_pretrained(model_path)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        model = load_model(model_path)
+        if name.endswith("_gc"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        opt = make_adamw(model.parameters(), tcfg.learning_rate, 0.0)
+        precision = "fp32"
+        start = time.perf_counter()
+        for row in rows:
+            c, r = preference_examples(tok, row, tcfg.max_length, tcfg.max_prompt_length)
+            out = run_micro_batch(model, collate([c, r], pad_id, padding_free=True), tcfg, "simpo")
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens.append(out.tokens)
+            losses.append(float(out.loss))
+            ends.append(time.perf_counter())
+    res = step_stats(ends, tokens, 1, args.warmup, start)
+    res.update(variant=name, precision=precision, threads=torch.get_num_threads(), first_loss=losses[0],
+               tokens_per_step=tokens[0], peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return res
+
+
+def long_case(args) -> dict:
+    import subprocess
+
+    results = {}
+    for name in args.long_variants.split(","):
+        if name not in LONG_VARIANTS:
+            raise SystemExit(f"--long-variants: {name!r} is not one of {', '.join(LONG_VARIANTS)}")
+        cmd = [sys.executable, __file__, "--long-child", name, "--model", args.model, "--threads", str(args.threads),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--long-tokens", str(args.long_tokens),
+               "--seed", str(args.seed), "--trl-path", args.trl_path, "--trl-optim", args.trl_optim]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("LONG_RESULT ")]
+        if proc.returncode or not line:
+            raise SystemExit(f"{name} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(line[-1][len("LONG_RESULT "):])
+        r = results[name]
+        print(f"  {name:16} {r['precision']:28} tokens/step {r['tokens_per_step']:6d} tok/s {r['tok_s']:7.2f} "
+              f"peak RSS {r['peak_rss_mib']:8.0f} MiB  first loss {r['first_loss']:.4f}", flush=True)
+    base = results.get("trl_fp32")
+    if base:
+        print(f"\nvs trl_fp32 ({base['tok_s']:.2f} tok/s, {base['peak_rss_mib']:.0f} MiB):")
+        for name, r in results.items():
+            if name != "trl_fp32":
+                r["vs_trl_fp32"] = {"tok_s": r["tok_s"] / base["tok_s"], "peak_rss": r["peak_rss_mib"] / base["peak_rss_mib"]}
+                print(f"  {name:16} tok/s x{r['vs_trl_fp32']['tok_s']:.2f} (target >= 1.3)   peak memory "
+                      f"x{r['vs_trl_fp32']['peak_rss']:.2f} (target <= 0.5)")
+    return results
+
+
+def memory_curve(args) -> list[dict]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from selfalign_ray.cli import compose
+    from selfalign_ray.models.resolve import resolve_model_path
+    from selfalign_ray.train.config import TrainConfig
+    from selfalign_ray.train.data import Example, collate
+    from selfalign_ray.train.objectives import run_micro_batch
+    from selfalign_ray.train.tensor_memory import LiveTensorPeak
+
+    torch.set_num_threads(args.threads)
+    cfg = compose([f"model={args.model}"])
+    mcfg = AutoConfig.from_pretrained(resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype))
+    mcfg.num_hidden_layers = args.curve_layers
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32, attn_implementation="sdpa").train()
+    rng = random.Random(args.seed)
+    rows = []
+    for L in [int(x) for x in args.curve_lengths.split(",")]:
+        exs = []
+        for _ in range(2):  # chosen, rejected: 32 prompt tokens, L - 32 answer tokens
+            ids = [rng.randrange(mcfg.vocab_size) for _ in range(L)]
+            exs.append(Example(ids, [-100] * 32 + ids[32:]))
+        batch = collate(exs, 0, padding_free=True)
+        row = {"tokens_per_sequence": L}
+        for label, chunk in (("full_logits", 0), ("chunked", 1024)):
+            model.zero_grad(set_to_none=True)
+            with LiveTensorPeak() as mem:
+                run_micro_batch(model, batch, TrainConfig(logprob_chunk_tokens=chunk), "simpo").loss.backward()
+            row[f"{label}_mib"] = mem.peak_bytes / 2**20
+        row["ratio"] = row["chunked_mib"] / row["full_logits_mib"]
+        rows.append(row)
+        print(f"  L={L:5d}  full logits {row['full_logits_mib']:8.1f} MiB   chunked {row['chunked_mib']:8.1f} MiB   "
+              f"ratio {row['ratio']:.3f}", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -222,8 +408,35 @@ def main() -> None:
     ap.add_argument("--trl-optim", default="adamw_torch_fused",
                     help="HF Trainer optim for TRL; fused like ours by default, so the ratio is not an optimizer gap")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--long", action="store_true", help="the long-sequence case (one subprocess per variant)")
+    ap.add_argument("--long-tokens", type=int, default=2048, help="tokens per sequence in the long case")
+    ap.add_argument("--long-variants", default=",".join(LONG_VARIANTS))
+    ap.add_argument("--long-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-curve", action="store_true", help="peak tensor memory vs sequence length")
+    ap.add_argument("--curve-lengths", default="512,1024,2048,4096")
+    ap.add_argument("--curve-layers", type=int, default=2)
     args = ap.parse_args()
     sys.path.insert(0, args.trl_path)
+    if args.long_child:
+        print("LONG_RESULT " + json.dumps(long_child(args)), flush=True)
+        return
+    if args.long or args.memory_curve:
+        import platform
+
+        import torch
+
+        report = {"versions": versions(), "uptime_start": uptime("start"), "args": vars(args),
+                  "cpu": platform.processor() or platform.machine(), "torch_threads": args.threads}
+        if args.memory_curve:
+            print(f"memory curve ({args.model} architecture, {args.curve_layers} layers, one pair, fp32):")
+            report["memory_curve"] = memory_curve(args)
+        if args.long:
+            print(f"long sequences: {args.long_tokens} tokens per sequence, 1 pair per step, {args.steps} timed "
+                  f"steps + {args.warmup} warmup, {args.threads} torch thread(s), torch {torch.__version__}")
+            report["long"] = long_case(args)
+        report["uptime_end"] = uptime("end")
+        write_json(args.json, report)
+        return
 
     start_load = uptime("start")
     bench = Bench(args)

@@ -440,12 +440,21 @@ def test_nan_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint(t
 
     model = tmp_path / "poisoned"
     _poisoned_model(tiny_model_path, model, "Zyxqv")
-    # 6 pairs, 2 ranks, 1 pair per rank per step: 3 steps. Only the last two pairs carry the poisoned token, so
-    # step 1 is clean (and checkpointed) whichever way Ray Data splits the rows between the ranks.
+    # 6 pairs, 2 ranks, 1 pair per rank per step: 3 steps. Only two pairs carry the poisoned token, and the seed
+    # below keeps them out of step 1, so step 1 is clean (and checkpointed).
     data = preference_file(tmp_path / "p.parquet", TOPICS[:4] + ["Zyxqv", "Zyxqv rivers"])
     assert pq.read_metadata(data).num_rows == 6
+    # Training reads a seeded permutation; step k takes rows 2k, 2k + 1 of it (train/order.py). Pick a seed that
+    # puts both poisoned pairs after step 1.
+    from selfalign_ray.train.order import order_key
+
+    rows = pq.read_table(data, columns=["prompt", "chosen", "rejected"]).to_pylist()
+    poisoned = {i for i, r in enumerate(rows) if "Zyxqv" in json.dumps(r)}
+    seed = next(s for s in range(100)
+                if not poisoned & set(sorted(range(6), key=lambda i: order_key(rows[i], s))[:2]))
     train, ds = train_cfg("train.checkpoint_every_steps=1", "train.epochs=1", "train.global_batch_size=2",
-                          "train.eval_before_after=false", "train.max_failures=1", "train.shuffle_buffer_rows=0")
+                          "train.eval_before_after=false", "train.max_failures=1",
+                          f"train.seed={seed}")
     # max_failures=1: Ray Train restarts the group once; the restarted workers find the non-finite marker and stop
     # before loading anything, so the same data is not trained on again and the run fails with the first message.
     with pytest.raises(FloatingPointError) as err:

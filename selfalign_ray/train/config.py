@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 from selfalign_ray.config import ConfigError
 
+# Keys that were removed, with what replaced them: a config that still sets one gets this message, not a bare
+# "unknown key", and nothing silently keeps meaning what it used to.
+REMOVED_KEYS = {
+    "shuffle_buffer_rows": "the per-worker shuffle buffer was replaced by one seeded global permutation of all "
+                           "training rows (train/order.py, seeded by train.seed); delete the key",
+}
+
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 
@@ -46,8 +53,6 @@ class TrainConfig:
     # Pack the sequences of a micro-batch into one row with restarting position_ids instead of padding
     # them (no compute on pad tokens; transformers builds block-diagonal attention from position_ids).
     padding_free: bool = True
-    # Rows in each worker's local shuffle buffer (seeded by `seed`); 0 = keep the shard order.
-    shuffle_buffer_rows: int = 1000
     # Ray Train workers (one per GPU on a cluster).
     num_workers: int = 2
     # CPUs reserved per worker. Keep num_workers x cpus_per_worker below the node's CPUs: Ray Data's
@@ -70,8 +75,13 @@ class TrainConfig:
     max_failures: int = 2
     # Measure preference accuracy / margin (SFT: loss) on the training data before and after training.
     eval_before_after: bool = True
-    # Seeds model-independent randomness: torch, the shuffle buffer.
+    # Seeds model-independent randomness: torch, and the global permutation in which the rows are read
+    # (train/order.py: one seeded shuffle of all files, split between the workers after shuffling).
     seed: int = 0
+    # Response tokens per chunk when computing log-probs through the LM head (train/logprobs.py): peak memory
+    # holds chunk x vocabulary logits instead of sequence x vocabulary, recomputed in backward. 0 = off (the
+    # model's full logits). 1024: Llama-3's 128k vocabulary makes 0.5 GiB fp32 per chunk plus its gradient.
+    logprob_chunk_tokens: int = 1024
 
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the first bad setting."""
@@ -108,8 +118,17 @@ class TrainConfig:
         if self.beta <= 0 or self.learning_rate < 0 or self.cpus_per_worker <= 0 or self.max_failures < 0:
             raise ConfigError("train.beta and train.cpus_per_worker must be > 0, train.learning_rate and "
                               "train.max_failures >= 0")
-        if self.shuffle_buffer_rows < 0:
-            raise ConfigError(f"train.shuffle_buffer_rows must be >= 0, got {self.shuffle_buffer_rows}")
+        if isinstance(self.logprob_chunk_tokens, bool) or not isinstance(self.logprob_chunk_tokens, int) \
+                or self.logprob_chunk_tokens < 0:
+            raise ConfigError(f"train.logprob_chunk_tokens must be an integer >= 0 (0 = off), "
+                              f"got {self.logprob_chunk_tokens!r}")
+
+    @classmethod
+    def reject_removed(cls, keys) -> None:
+        """ConfigError naming every removed key among `keys` and what replaced it."""
+        found = [k for k in keys if k in REMOVED_KEYS]
+        if found:
+            raise ConfigError("; ".join(f"train.{k} is no longer a setting: {REMOVED_KEYS[k]}" for k in found))
 
     @property
     def grad_accum(self) -> int:

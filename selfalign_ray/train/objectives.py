@@ -20,6 +20,7 @@ import torch
 from selfalign_ray.train.collectives import Collectives
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.data import IGNORE, num_tokens, response_logps
+from selfalign_ray.train.logprobs import response_logps_chunked
 from selfalign_ray.train.simpo import simpo_loss
 
 OBJECTIVES = ("simpo", "sft")
@@ -104,11 +105,14 @@ def forward_sums(model, batch: dict[str, torch.Tensor], cfg: TrainConfig, object
     """One forward pass over a CPU-collated micro-batch; sums of the objective, nothing read back to the host."""
     counts = batch_counts(batch, objective)
     device = _device(model)
-    logits = model(**model_inputs(batch, device, attn_implementation)).logits
+    inputs = model_inputs(batch, device, attn_implementation)
     targets = {"labels": batch["labels"].to(device, non_blocking=True)}
     if "sequence_index" in batch:
         targets["sequence_index"] = batch["sequence_index"]  # stays on the CPU: read there, copied once
-    sums, seq_counts = response_logps(logits, targets)
+    if cfg.logprob_chunk_tokens:  # LM head in chunks over the response tokens only (train/logprobs.py)
+        sums, seq_counts = response_logps_chunked(model, targets, cfg.logprob_chunk_tokens, inputs=inputs)
+    else:
+        sums, seq_counts = response_logps(model(**inputs).logits, targets)
     zero = sums.new_zeros(())
     if objective == "sft":
         nll = -sums.sum()

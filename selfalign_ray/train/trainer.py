@@ -2,8 +2,8 @@
 (selfalign_ray/train/worker.py) run DeepSpeed ZeRO-3, and returns the consolidated HF model directory.
 
 The driver never loads the shards: it counts rows from the Parquet footers, plans the optimizer steps
-(schedule.StepPlan), and hands the files to Ray Data (`datasets=`), which streams them to the workers split
-equally between ranks in a deterministic order.
+(schedule.StepPlan), and hands the files to Ray Data (`datasets=`) in one seeded global permutation of all
+rows (train/order.py), which streams them to the workers split equally between ranks, deterministically.
 
 Files, for output_dir=D:
     D/                    the trained model: safetensors + tokenizer + chat template (transformers, vLLM)
@@ -27,10 +27,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from selfalign_ray.config import ConfigError, typed
+from selfalign_ray.config import ConfigError, to_dict, typed
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.deepspeed_config import deepspeed_config
 from selfalign_ray.train.objectives import OBJECTIVES
+from selfalign_ray.train.order import global_order
 from selfalign_ray.train.schedule import StepPlan
 from selfalign_ray.train.worker import (
     CRASH_ENV,
@@ -71,7 +72,9 @@ class TrainResult:
 
 def as_train_config(cfg) -> TrainConfig:
     """A TrainConfig from a TrainConfig, an OmegaConf node or a dict (unknown keys: ConfigError)."""
-    cfg = cfg if isinstance(cfg, TrainConfig) else typed(TrainConfig, cfg, "train")
+    if not isinstance(cfg, TrainConfig):
+        TrainConfig.reject_removed(to_dict(cfg))
+        cfg = typed(TrainConfig, cfg, "train")
     cfg.validate()
     return cfg
 
@@ -184,7 +187,10 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     resumed = _prepare_storage(storage, out, fingerprint)
 
     # select_columns (not read_parquet(columns=...), deprecated in Ray 2.60) is still pushed down to the reader.
-    datasets = {"train": ray.data.read_parquet(train_files).select_columns(columns)}
+    # The training rows in one seeded permutation of all files, in blocks of one rank's rows per optimizer step,
+    # so that step k trains on rows k*G ... (k+1)*G - 1 of the permutation (train/order.py).
+    datasets = {"train": global_order(ray.data.read_parquet(train_files).select_columns(columns), cfg.seed,
+                                      rows_per_block=cfg.global_batch_size // cfg.num_workers)}
     if eval_files:
         datasets["eval"] = ray.data.read_parquet(eval_files).select_columns(columns)
     log.info("training %s (%s) on %d rows: %d optimizer steps of %d, %d workers, %d micro-batches of %d per "
@@ -201,8 +207,9 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         datasets=datasets,
-        # Deterministic order: a restarted worker skips exactly the micro-batches it had consumed.
-        # equal split (DataConfig's default for every dataset): no rank waits on a batch that never comes.
+        # Deterministic order and split: a restarted worker skips exactly the micro-batches it had consumed.
+        # equal split (DataConfig's default for every dataset): no rank waits on a batch that never comes;
+        # with preserve_order it deals the permutation's equal blocks round-robin (train/order.py).
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=run_name,

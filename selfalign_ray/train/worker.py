@@ -9,8 +9,8 @@ machinery is the Ray-free core that `python -m selfalign_ray.train.smoke` also r
 
 After a worker dies, Ray Train (FailureConfig) restarts the whole group; each new worker loads the last
 reported DeepSpeed checkpoint and skips the micro-batches that were consumed before it, without
-tokenising them. Skipping by count is exact because the driver asks Ray Data for a deterministic order
-(preserve_order) and the shuffle buffer is seeded per epoch.
+tokenising them. Skipping by count is exact because the driver hands Ray Data one seeded permutation of
+the rows, split deterministically (train/order.py, preserve_order).
 
 A non-finite loss or gradient is not a failure a restart cures: rank 0 writes NONFINITE_MARKER with the
 message, every rank raises core.NonFiniteError, a restarted group finds the marker and raises again before
@@ -74,16 +74,13 @@ class MicroBatches:
         self.shard, self.tok, self.cfg, self.objective = shard, tokenizer, cfg, objective
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def iterate(self, epoch: int = 0, skip: int = 0, shuffle: bool = True):
-        """Yield (index in epoch, batch); the first `skip` micro-batches are passed over untouched."""
+    def iterate(self, epoch: int = 0, skip: int = 0):
+        """Yield (index in epoch, batch); the first `skip` micro-batches are passed over untouched.
+        The shard already arrives in the seeded global order (train/order.py); `epoch` only labels it."""
         from selfalign_ray.train.data import collate, preference_examples, sft_example
 
         cfg = self.cfg
-        shuffle_rows = cfg.shuffle_buffer_rows if shuffle else 0
-        tables = self.shard.iter_batches(
-            batch_size=cfg.per_device_batch_size, batch_format="pyarrow",
-            local_shuffle_buffer_size=shuffle_rows or None,
-            local_shuffle_seed=cfg.seed + epoch if shuffle_rows else None)
+        tables = self.shard.iter_batches(batch_size=cfg.per_device_batch_size, batch_format="pyarrow")
         for index, table in enumerate(tables):
             if index < skip:
                 continue
@@ -99,7 +96,7 @@ class MicroBatches:
 def evaluate(core: TrainCore, data: MicroBatches) -> dict:
     """No-grad pass over a whole shard, summed over all ranks: preference accuracy and mean margin of
     beta * avg log-prob (SimPO; ties count as wrong), or mean loss per response token (SFT)."""
-    s = core.evaluate(batch for _, batch in data.iterate(shuffle=False))
+    s = core.evaluate(batch for _, batch in data.iterate())
     if core.objective == "simpo":
         return {"preference_accuracy": s["preference_accuracy"], "mean_margin": s["margin"],
                 "reward_chosen": s["reward_chosen"], "reward_rejected": s["reward_rejected"],
