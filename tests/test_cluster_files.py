@@ -42,7 +42,11 @@ def test_ray_up_runs_in_a_current_image(up):
     assert int(match["minor"]) >= 10 and int(match["cuda"]) >= 12  # Python >= 3.10, CUDA 12+
     for name, node in up["available_node_types"].items():
         # Ray's default latest_dlami is Ubuntu 18.04 / Python 3.6 / CUDA 11: torch 2.13 cannot install there.
-        assert node["node_config"]["ImageId"] != "latest_dlami", name
+        image = node["node_config"]["ImageId"]
+        assert image != "latest_dlami", name
+        # Runs as written: the DLAMI Base Ubuntu 22.04 SSM parameter (or a real AMI id), never a placeholder.
+        assert image.startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/") \
+            or re.fullmatch(r"ami-[0-9a-f]{8,17}", image), (name, image)
     assert "Ubuntu 22.04" in (REPO / "cluster" / "ray_up_gpu.yaml").read_text()
 
 
