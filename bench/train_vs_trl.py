@@ -32,7 +32,8 @@ answers are corpus paragraphs joined past the limit, so every sequence is cut to
 per optimizer step, --steps timed steps after --warmup, each variant in its OWN subprocess so that its peak
 memory (VmHWM of that process: weights, optimizer state, activations, logits) is its own:
   trl_fp32        : CPOTrainer(loss_type="simpo", cpo_alpha=0), bf16=False (CPOConfig defaults to bf16=True,
-                    even on CPU), max_length = --long-tokens
+                    even on CPU), max_length = --long-tokens; gradient checkpointing ON, CPOConfig's own default
+                    (TRL 1.16), so its like-for-like row of ours is ours_chunked_gc(_padded)
   trl_bf16        : the same with CPOConfig's default bf16=True (autocast bf16 on CPU; fp32 master weights)
   ours_full       : our step (ours_direct) with train.logprob_chunk_tokens=0: the model's full logits (before)
   ours_chunked    : our step with train.logprob_chunk_tokens=1024 (the default): train/logprobs.py (after)
@@ -230,8 +231,8 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------------------- long sequences
-LONG_VARIANTS = ("trl_fp32", "trl_bf16", "ours_full", "ours_chunked", "ours_chunked_gc", "ours_chunked_padded",
-                 "ours_chunked_gc_padded")
+LONG_VARIANTS = ("trl_fp32", "trl_bf16", "ours_full", "ours_chunked", "ours_chunked_gc", "ours_full_padded",
+                 "ours_chunked_padded", "ours_chunked_gc_padded")
 
 
 def make_long_pairs(n: int, seed: int, words: int) -> list[dict]:
@@ -310,7 +311,7 @@ def long_child(args) -> dict:
         from selfalign_ray.train.objectives import run_micro_batch
         from selfalign_ray.train.worker import make_adamw
 
-        chunk = 0 if name == "ours_full" else 1024
+        chunk = 0 if name.startswith("ours_full") else 1024
         tcfg = TrainConfig(beta=10.0, gamma_beta_ratio=0.3, learning_rate=1e-6, max_length=L, max_prompt_length=32,
                            per_device_batch_size=1, global_batch_size=1, num_workers=1, logprob_chunk_tokens=chunk)
         tok = AutoTokenizer.from_pretrained(model_path)
@@ -342,9 +343,11 @@ def long_case(args) -> dict:
     import subprocess
 
     results = {}
-    for name in args.long_variants.split(","):
-        if name not in LONG_VARIANTS:
-            raise SystemExit(f"--long-variants: {name!r} is not one of {', '.join(LONG_VARIANTS)}")
+    names = args.long_variants.split(",")
+    unknown = [n for n in names if n not in LONG_VARIANTS]
+    if unknown:  # before the first (minutes-long) variant runs
+        raise SystemExit(f"--long-variants: {unknown} not among {', '.join(LONG_VARIANTS)}")
+    for name in names:
         cmd = [sys.executable, __file__, "--long-child", name, "--model", args.model, "--threads", str(args.threads),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--long-tokens", str(args.long_tokens),
                "--seed", str(args.seed), "--trl-path", args.trl_path, "--trl-optim", args.trl_optim]
