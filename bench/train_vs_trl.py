@@ -30,13 +30,18 @@ token per sequence). Ratio = ours tokens/s / TRL tokens/s (target >= 1.3); pairs
 Long sequences (--long): pairs of fixed length (--long-tokens, default 2048 tokens per sequence, prompt + answer;
 answers are corpus paragraphs joined past the limit, so every sequence is cut to exactly max_length), one pair
 per optimizer step, --steps timed steps after --warmup, each variant in its OWN subprocess so that its peak
-memory (ru_maxrss of that process: weights, optimizer state, activations, logits) is its own:
+memory (VmHWM of that process: weights, optimizer state, activations, logits) is its own:
   trl_fp32        : CPOTrainer(loss_type="simpo", cpo_alpha=0), bf16=False (CPOConfig defaults to bf16=True,
-                    even on CPU), max_length = --long-tokens
+                    even on CPU), max_length = --long-tokens; gradient checkpointing ON, CPOConfig's own default
+                    (TRL 1.16), so its like-for-like row of ours is ours_chunked_gc(_padded)
   trl_bf16        : the same with CPOConfig's default bf16=True (autocast bf16 on CPU; fp32 master weights)
   ours_full       : our step (ours_direct) with train.logprob_chunk_tokens=0: the model's full logits (before)
   ours_chunked    : our step with train.logprob_chunk_tokens=1024 (the default): train/logprobs.py (after)
   ours_chunked_gc : ours_chunked + gradient checkpointing (train.gradient_checkpointing=true, non-reentrant)
+  *_padded        : the same with train.padding_free=false: a (2, L) right-padded batch like TRL's. The packed row
+                    (1, 2L) attends through a block-diagonal mask, which on CPU SDPA costs the full (2L)^2 instead
+                    of two causal L^2 (is_causal lets the kernel skip the upper triangle); equal-length pairs
+                    have no padding to save, so padded is the right layout for them on CPU.
 Ours: max_prompt_length 32 (so the prompt is cut to 32 tokens and the answers fill the rest: both sides train
 on sequences of exactly --long-tokens tokens). Precision is printed per variant.
 
@@ -226,7 +231,8 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------------------- long sequences
-LONG_VARIANTS = ("trl_fp32", "trl_bf16", "ours_full", "ours_chunked", "ours_chunked_gc")
+LONG_VARIANTS = ("trl_fp32", "trl_bf16", "ours_full", "ours_chunked", "ours_chunked_gc", "ours_full_padded",
+                 "ours_chunked_padded", "ours_chunked_gc_padded")
 
 
 def make_long_pairs(n: int, seed: int, words: int) -> list[dict]:
@@ -247,10 +253,17 @@ def make_long_pairs(n: int, seed: int, words: int) -> list[dict]:
              "rejected": [{"role": "assistant", "content": answer()}]} for i in range(n)]
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory: VmHWM of its address space. Not ru_maxrss: Linux carries ru_maxrss
+    across fork + exec, so a child would report at least its parent's RSS at the time it was started."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def long_child(args) -> dict:
     """One long-sequence variant in this (fresh) process; returns its timings and this process's peak RSS."""
-    import resource
-
     import torch
     from transformers import AutoTokenizer
 
@@ -298,20 +311,21 @@ def long_child(args) -> dict:
         from selfalign_ray.train.objectives import run_micro_batch
         from selfalign_ray.train.worker import make_adamw
 
-        chunk = 0 if name == "ours_full" else 1024
+        chunk = 0 if name.startswith("ours_full") else 1024
         tcfg = TrainConfig(beta=10.0, gamma_beta_ratio=0.3, learning_rate=1e-6, max_length=L, max_prompt_length=32,
                            per_device_batch_size=1, global_batch_size=1, num_workers=1, logprob_chunk_tokens=chunk)
         tok = AutoTokenizer.from_pretrained(model_path)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         model = load_model(model_path)
-        if name.endswith("_gc"):
+        if "_gc" in name:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         opt = make_adamw(model.parameters(), tcfg.learning_rate, 0.0)
         precision = "fp32"
         start = time.perf_counter()
         for row in rows:
             c, r = preference_examples(tok, row, tcfg.max_length, tcfg.max_prompt_length)
-            out = run_micro_batch(model, collate([c, r], pad_id, padding_free=True), tcfg, "simpo")
+            batch = collate([c, r], pad_id, padding_free=not name.endswith("_padded"))
+            out = run_micro_batch(model, batch, tcfg, "simpo")
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -321,7 +335,7 @@ def long_child(args) -> dict:
             ends.append(time.perf_counter())
     res = step_stats(ends, tokens, 1, args.warmup, start)
     res.update(variant=name, precision=precision, threads=torch.get_num_threads(), first_loss=losses[0],
-               tokens_per_step=tokens[0], peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+               tokens_per_step=tokens[0], peak_rss_mib=_peak_rss_mib())
     return res
 
 
@@ -329,9 +343,11 @@ def long_case(args) -> dict:
     import subprocess
 
     results = {}
-    for name in args.long_variants.split(","):
-        if name not in LONG_VARIANTS:
-            raise SystemExit(f"--long-variants: {name!r} is not one of {', '.join(LONG_VARIANTS)}")
+    names = args.long_variants.split(",")
+    unknown = [n for n in names if n not in LONG_VARIANTS]
+    if unknown:  # before the first (minutes-long) variant runs
+        raise SystemExit(f"--long-variants: {unknown} not among {', '.join(LONG_VARIANTS)}")
+    for name in names:
         cmd = [sys.executable, __file__, "--long-child", name, "--model", args.model, "--threads", str(args.threads),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--long-tokens", str(args.long_tokens),
                "--seed", str(args.seed), "--trl-path", args.trl_path, "--trl-optim", args.trl_optim]
