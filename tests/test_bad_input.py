@@ -305,7 +305,8 @@ GENERATIVE_CASES = {
     "conflicting_rankings": ("ranking: 1 > 2, no wait, ranking: 2 > 1", "ranking: X > Y", "unparsable_judge:conflicting_rankings"),
     "control_bytes": ("\x00\x1b[31m\ufffd", "\ud7ff\x7f", "unparsable_judge:no_ranking"),
     "many_spaces": ("ranking:" + " " * 20000 + "x", "ranking:" + " " * 20000, "unparsable_judge:no_ranking"),
-    "one_order_unparsable": ("ranking: 1 > 2", "no idea", "orders_disagree"),  # preset: both orders must agree
+    # preset: both orders must agree; one order without a ranking cannot agree, and the reason says so
+    "one_order_unparsable": ("ranking: 1 > 2", "no idea", "one_order_unparsable:no_ranking"),
     "position_bias_only": ("ranking: 1 > 2", "ranking: 1 > 2", "orders_disagree"),
     "judge_prompt_too_long": ("prompt_too_long: 3000 tokens > limit 2047 (engine.max_model_len=2048)", "ranking: 2 > 1",
                               "prompt_too_long"),
