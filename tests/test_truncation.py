@@ -264,3 +264,15 @@ def test_duplicate_prompts_resolve_by_chunk_order_whatever_finishes_first(tmp_pa
     dups = pq.read_table(store.rejects_dir / "part-00001.parquet").to_pylist() + \
         pq.read_table(store.rejects_dir / "part-00002.parquet").to_pylist()
     assert sorted((d["row_id"], d["reason"]) for d in dups) == [(3, "duplicate_prompt"), (4, "duplicate_prompt")]
+
+
+def test_empty_synpo_iteration_names_the_cut_texts_and_the_remedy():
+    from selfalign_ray.synpo.loop import empty_dataset_message
+
+    drops = {"truncated_response": 9, "truncated_refinement": 3, "tie": 1}
+    message = empty_dataset_message(1, drops, "drop")
+    assert "12 of the drops are texts cut at their max_tokens" in message
+    assert "mode.truncation=keep_without_eos" in message
+    # Nothing was cut, or cut texts were kept: no advice about truncation.
+    assert "keep_without_eos" not in empty_dataset_message(1, {"tie": 4}, "drop")
+    assert "keep_without_eos" not in empty_dataset_message(1, drops, "keep_without_eos")

@@ -79,6 +79,18 @@ def _sft(model: str, data_file: str, output_dir: Path, cfg: TrainConfig, deepspe
     return {"model_dir": result.model_dir, "init_model": model, "train_files": [data_file], "summary": result.summary}
 
 
+
+def empty_dataset_message(iteration: int, drops: dict, truncation: str) -> str:
+    """Why an iteration has nothing to train on, and what to change when cut texts were the cause."""
+    message = (f"iteration {iteration}: the cumulative dataset is empty (drops: {drops}); nothing to train on — "
+               "see the manifest and rejects/")
+    cut = {reason: n for reason, n in drops.items() if reason.startswith("truncated_")}
+    if cut and truncation == "drop":
+        message += (f". {sum(cut.values())} of the drops are texts cut at their max_tokens ({cut}): raise the stage's "
+                    "max_tokens, or keep cut texts marked and train them without end-of-turn with "
+                    "mode.truncation=keep_without_eos (small models on CPU rarely finish an answer in 64 tokens)")
+    return message
+
 class SynpoRun:
     """State shared by the steps of one run (config, models, seeds, corpus)."""
 
@@ -179,8 +191,7 @@ class SynpoRun:
         current = policy
         if self.cfg.train.enabled:
             if not files:
-                raise RuntimeError(f"iteration {k}: the cumulative dataset is empty (drops: {manifest['drops']}); "
-                                   "nothing to train on — see the manifest and rejects/")
+                raise RuntimeError(empty_dataset_message(k, manifest["drops"], sc.truncation))
             init = self.base if sc.init_from == "base" else policy
             trained = self.simpo(k, init, files, iter_dir)
             current = trained["model_dir"]
