@@ -226,15 +226,20 @@ def test_old_shards_still_load_for_training(tmp_path):
     assert _columns("simpo", [str(new), old]) == COLUMNS["simpo"]  # mixed: read as complete, with a warning
 
 
-class _Blocks:
-    """Stands in for the Ray dataset: yields the pending blocks in a given order."""
+class _Stream:
+    """Stands in for generation/pool.PoolStream: hands back the pending blocks in a given finishing order."""
 
     def __init__(self, blocks, order):
         self.blocks, self.order = blocks, order
 
-    def iter_batches(self, **_):
-        for i in self.order:
-            yield self.blocks[i]
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def batches(self, ds, pools):
+        return (self.blocks[i] for i in self.order)
 
 
 @pytest.mark.parametrize("finish_order", [[0, 1, 2], [2, 1, 0], [1, 2, 0]])
@@ -254,7 +259,7 @@ def test_duplicate_prompts_resolve_by_chunk_order_whatever_finishes_first(tmp_pa
         done[col] = value
     blocks = [done.iloc[i:i + 2] for i in range(0, 6, 2)]
     monkeypatch.setattr(ray.data, "from_pandas", lambda _: None)
-    monkeypatch.setattr(runner, "apply_pool", lambda ds, pool: _Blocks(blocks, finish_order))
+    monkeypatch.setattr(runner, "PoolStream", lambda what: _Stream(blocks, finish_order))
     monkeypatch.setattr(runner, "PairMetrics", lambda: type("M", (), {"record": lambda *a: None})())
     store = IterationStore(tmp_path / "iter_1")
     pool = PoolSpec("sao", "m", type("E", (), {"batch_size": 2})(), [])
