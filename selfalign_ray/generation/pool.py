@@ -9,7 +9,7 @@ when the stream ends or fails, and on success the GPUs the pools held are checke
 goes on (training, the next pool), so nothing waits forever on GPUs a finished stage still reserves.
 Each actor closes its engine when Ray Data shuts the pool down (`StageRunner.__del__`, called through
 Ray Data's actor exit hook); processes an actor killed hard leaves behind are reaped by the raylet
-(cluster.REAPER_ENV).
+(cluster.REAPER_ENV on the cluster's `ray start` lines).
 """
 
 from __future__ import annotations
