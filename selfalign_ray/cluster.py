@@ -71,8 +71,9 @@ def apply_output_dir(cfg) -> Path:
 
 # Ray's raylet kills the processes a dead worker leaves behind (Linux). vLLM's engine core runs in a child process
 # of its actor and does not watch its parent: without this an engine actor killed by OOM or `ray job stop` leaves
-# the engine core holding its GPU memory. The embedded cluster gets it here; `ray start` lines set it themselves
-# (cluster/ray_up_gpu.yaml, cluster/kuberay_raycluster.yaml).
+# the engine core holding its GPU memory. Set on the `ray start` lines of GPU clusters (cluster/ray_up_gpu.yaml,
+# cluster/kuberay_raycluster.yaml). Not set for the embedded cluster: it reaches the driver too, whose
+# subprocesses then lose their exit status (seen in tests: `subprocess.run(...).returncode` became 0).
 REAPER_ENV = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
 
 
@@ -94,7 +95,6 @@ def init_ray(cluster) -> None:
             kwargs["num_gpus"] = cluster.num_gpus
         if cluster.include_dashboard:
             kwargs["dashboard_port"] = cluster.dashboard_port
-        os.environ.setdefault(REAPER_ENV, "true")  # the raylet started below inherits it
         ray.init(**kwargs)
         return
     try:

@@ -199,6 +199,11 @@ def check(asks: list[Ask], capacity: Capacity) -> list[str]:
     cannot judge (a joined cluster without reported limits)."""
     warnings = []
     for ask in asks:
+        # The most specific refusal first: one engine larger than any node can never be placed.
+        if ask.gpus_one_node > 1 and capacity.node_gpus is not None and ask.gpus_one_node > capacity.node_gpus + 1e-9:
+            raise PreflightError(f"{ask.stage}: one tensor-parallel engine needs {ask.gpus_one_node:g} GPUs on one node "
+                                 f"({ask.detail}) but the largest node has {capacity.node_gpus:g}; "
+                                 "lower engine.tensor_parallel_size")
         for key, wanted in (("GPU", ask.gpus), ("CPU", ask.cpus)):
             if wanted <= 0:
                 continue
@@ -214,10 +219,6 @@ def check(asks: list[Ask], capacity: Capacity) -> list[str]:
                 more = "" if limit == have else f" (it has {have:g} now)"
                 raise PreflightError(f"{ask.stage} asks for {wanted:g} {key}(s) ({ask.detail}) but {capacity.source} "
                                      f"offers at most {limit:g}{more}; Ray would wait forever. {_hint(ask)}")
-        if ask.gpus_one_node > 1 and capacity.node_gpus is not None and ask.gpus_one_node > capacity.node_gpus + 1e-9:
-            raise PreflightError(f"{ask.stage}: one tensor-parallel engine needs {ask.gpus_one_node:g} GPUs on one node "
-                                 f"({ask.detail}) but the largest node has {capacity.node_gpus:g}; "
-                                 "lower engine.tensor_parallel_size")
     return warnings
 
 

@@ -219,4 +219,4 @@ class VLLMEngine:
     # Orphans: the pool calls close() when Ray Data shuts an actor down (generation/pool.py StageRunner.__del__).
     # An actor killed hard (OOM, `ray job stop`) never gets there, and vLLM 0.32's engine-core process does not
     # watch its parent (only its own workers watch the engine core, through a death pipe): the raylet's
-    # child-process reaper ends it (cluster.REAPER_ENV, set for the embedded cluster and in cluster/ start lines).
+    # child-process reaper ends it (cluster.REAPER_ENV, set on the `ray start` lines of the GPU cluster files).

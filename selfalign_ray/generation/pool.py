@@ -9,7 +9,7 @@ when the stream ends or fails, and on success the GPUs the pools held are checke
 goes on (training, the next pool), so nothing waits forever on GPUs a finished stage still reserves.
 Each actor closes its engine when Ray Data shuts the pool down (`StageRunner.__del__`, called through
 Ray Data's actor exit hook); processes an actor killed hard leaves behind are reaped by the raylet
-(cluster.REAPER_ENV).
+(cluster.REAPER_ENV on the cluster's `ray start` lines).
 """
 
 from __future__ import annotations
@@ -182,6 +182,21 @@ def _wait_idle(groups: list, timeout_s: float) -> None:
                 "groups kills them", timeout_s)
 
 
+def uses_placement_groups(e: EngineConfig) -> bool:
+    return e.tensor_parallel_size > 1 and e.num_gpus_per_actor > 0
+
+
+def _without_memory_probe(ctx) -> None:
+    """Ray Data's HighMemoryIssueDetector (on by default in Ray 2.60) calls every map operator's
+    `ray_remote_args_fn` when the executor starts and again periodically, only to read `memory` from the
+    result. With our fn each call creates a placement group: one more group of tp GPUs that no actor uses,
+    so with every GPU spoken for the pool's last actor never starts. The detector only logs advice, so it
+    is switched off for datasets whose pools create placement groups (`DataContext.issue_detectors_config`)."""
+    cfg = ctx.issue_detectors_config
+    kept = [d for d in cfg.detectors if getattr(d, "__name__", "") != "HighMemoryIssueDetector"]
+    ctx.issue_detectors_config = dataclasses.replace(cfg, detectors=kept)
+
+
 def check_bundle(tp: int, gpus_per_worker: float) -> None:
     if not 0 < gpus_per_worker <= 1:
         from selfalign_ray.config import ConfigError
@@ -192,7 +207,7 @@ def check_bundle(tp: int, gpus_per_worker: float) -> None:
 
 def actor_resources(e: EngineConfig) -> list[dict[str, float]]:
     """What one actor of a pool with engine settings `e` reserves: its bundles (one without TP)."""
-    if e.tensor_parallel_size > 1 and e.num_gpus_per_actor > 0:
+    if uses_placement_groups(e):
         return [{"GPU": e.num_gpus_per_actor, "CPU": 1.0}] * e.tensor_parallel_size
     return [{"CPU": float(e.num_cpus_per_actor), "GPU": float(e.num_gpus_per_actor)}]
 
@@ -212,7 +227,7 @@ def apply_pool(ds, spec: PoolSpec, groups: PlacementGroups):
         max_restarts=-1,
         max_task_retries=-1,
     )
-    if e.tensor_parallel_size > 1 and e.num_gpus_per_actor > 0:
+    if uses_placement_groups(e):
         kwargs["num_gpus"] = 0
         kwargs["ray_remote_args_fn"] = groups.placement_args(e.tensor_parallel_size, e.num_gpus_per_actor)
     elif e.num_gpus_per_actor > 0:
@@ -251,6 +266,8 @@ class PoolStream:
             self._free_before = free_gpus()
         for pool in pools:
             ds = apply_pool(ds, pool, self.groups)
+        if any(uses_placement_groups(p.engine) for p in pools):
+            _without_memory_probe(ds.context)
         it = iter(ds.iter_batches(batch_size=None, batch_format="pandas"))
         self._iterators.append(it)
         return it
