@@ -28,7 +28,6 @@ Ratio = pipeline tokens/s / bare tokens/s (target >= 0.95 on the steady clock). 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import sys
 import tempfile

@@ -1,12 +1,17 @@
 """Child of tests/test_logprobs.py: under DeepSpeed ZeRO-3 (gloo, world 1, parameters partitioned), the loss
 and gradients of the chunked log-prob path equal the full-logits path, for a tied and an untied LM head.
 Usage: python zero3_logprobs_child.py MODEL_DIR; prints one line `RESULT {json}` per head."""
-import json, os, random, socket, sys
+import json
+import os
+import random
+import socket
+import sys
 
 import torch
 
 with socket.socket() as s:
-    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                   LOCAL_WORLD_SIZE="1")
 import deepspeed
