@@ -135,6 +135,8 @@ class MicroBatchOutput:
     examples: int
     tokens: int
     response_tokens: int
+    reward_chosen: torch.Tensor | None = None    # SimPO: beta * avg log-prob per pair (detached)
+    reward_rejected: torch.Tensor | None = None
 
 
 def run_micro_batch(model, batch: dict[str, torch.Tensor], cfg: TrainConfig, objective: str,
@@ -149,7 +151,7 @@ def run_micro_batch(model, batch: dict[str, torch.Tensor], cfg: TrainConfig, obj
         loss = out.loss_sum / max(c.examples, 1)
         if cfg.sft_weight:
             loss = loss + cfg.sft_weight * out.chosen_nll_sum / max(c.chosen_response_tokens, 1)
-    return MicroBatchOutput(loss, c.examples, c.tokens, c.response_tokens)
+    return MicroBatchOutput(loss, c.examples, c.tokens, c.response_tokens, out.reward_chosen, out.reward_rejected)
 
 
 class MetricWindow:
