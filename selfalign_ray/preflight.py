@@ -128,7 +128,7 @@ def read_capacity(cluster=None) -> Capacity:
 
 def engine_ask(stage: str, engine: EngineConfig, pools: int, resources: str) -> Ask:
     """The pools of a chain (`resources` already resolved: split | full)."""
-    from selfalign_ray.generation.pool import actor_resources
+    from selfalign_ray.generation.pool import actor_resources, uses_placement_groups
     from selfalign_ray.synpo.chain import split_engine
 
     per_pool = split_engine(engine, pools) if resources == "split" else engine
@@ -138,7 +138,7 @@ def engine_ask(stage: str, engine: EngineConfig, pools: int, resources: str) -> 
     one_node = sum(b["GPU"] for b in bundles)
     how = (f"{pools} pool(s) ({resources}) x {per_pool.num_actors} engine actor(s) x "
            + (f"tensor_parallel_size {engine.tensor_parallel_size} x {per_pool.num_gpus_per_actor:g} GPU"
-              if engine.tensor_parallel_size > 1 and engine.num_gpus_per_actor > 0
+              if uses_placement_groups(engine)
               else f"({per_pool.num_cpus_per_actor:g} CPU, {per_pool.num_gpus_per_actor:g} GPU)"))
     return Ask(stage, cpus, gpus, one_node, how, engine.kind, pools, resources)
 

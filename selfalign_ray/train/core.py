@@ -129,9 +129,6 @@ def build_engine(model_path: str, cfg: TrainConfig, ds_cfg: dict, plan: StepPlan
     return tokenizer, engine, hf_ds
 
 
-_build_engine = build_engine  # the name worker.py used before the core existed
-
-
 def partition_stats(module) -> dict:
     """How ZeRO-3 holds the parameters on this rank.
 
@@ -215,9 +212,9 @@ class TrainCore:
     def world(self) -> int:
         return self.coll.world_size
 
-    def _normalisers(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """world / global count of the step: (main term, SimPO's SFT term), device scalars (one reduction)."""
-        counts = [batch_counts(b, self.objective) for b in batches]
+    def _normalisers(self, counts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """world / global count of the step: (main term, SimPO's SFT term), device scalars (one reduction).
+        `counts`: batch_counts of this rank's micro-batches of the step."""
         if self.objective == "sft":
             local = [sum(c.response_tokens for c in counts), 0]
         else:
@@ -235,13 +232,14 @@ class TrainCore:
         the gradient there). Raises NonFiniteError (update not applied) on a non-finite loss or gradient."""
         engine, cfg = self.engine, self.cfg
         started = time.time()
-        main_scale, sft_scale = self._normalisers(batches)
+        counts = [batch_counts(b, self.objective) for b in batches]  # once per micro-batch, on the CPU
+        main_scale, sft_scale = self._normalisers(counts)
         window = MetricWindow(self.coll.device)
         for i, batch in enumerate(batches):
             boundary = i == len(batches) - 1
             # We own the accumulation boundary so that a short last window still steps.
             engine.set_gradient_accumulation_boundary(boundary)
-            out = forward_sums(engine, batch, cfg, self.objective, self.attn)
+            out = forward_sums(engine, batch, cfg, self.objective, self.attn, counts=counts[i])
             loss = out.loss_sum * main_scale
             if self.objective == "simpo" and cfg.sft_weight:
                 # The SimPO repo's optional SFT term: token mean of the chosen responses' NLL over the step.

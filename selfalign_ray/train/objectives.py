@@ -101,9 +101,10 @@ def _device(model) -> torch.device:
 
 
 def forward_sums(model, batch: dict[str, torch.Tensor], cfg: TrainConfig, objective: str,
-                 attn_implementation: str = "sdpa") -> MicroBatchSums:
-    """One forward pass over a CPU-collated micro-batch; sums of the objective, nothing read back to the host."""
-    counts = batch_counts(batch, objective)
+                 attn_implementation: str = "sdpa", counts: BatchCounts | None = None) -> MicroBatchSums:
+    """One forward pass over a CPU-collated micro-batch; sums of the objective, nothing read back to the host.
+    `counts`: the batch's batch_counts when the caller already has them (the core counts a whole window first)."""
+    counts = counts or batch_counts(batch, objective)
     device = _device(model)
     inputs = model_inputs(batch, device, attn_implementation)
     targets = {"labels": batch["labels"].to(device, non_blocking=True)}
