@@ -236,18 +236,21 @@ def test_driver_killed_mid_generation_and_between_steps_resumes_each_time(tmp_pa
 
 
 # ------------------------------------------------------------------------------------------ an engine actor
-def _kill_pool_actor_after_first_commit(chunks: Path, done: dict, deadline: float) -> None:
+def _kill_first_live_pool_actor(chunks: Path, done: dict, deadline: float) -> None:
+    """SIGKILL the generation pool's actor as soon as it is up (Ray marks it ALIVE once its engine is built),
+    i.e. while it holds its first batches. Waiting for the first committed chunk instead raced: with a
+    tiny model Ray Data can finish every batch before the driver commits chunk 1, and the pool is gone."""
     from ray._private import state
 
-    while not any(chunks.glob("part-*.json")):
-        if time.time() > deadline:
+    while time.time() < deadline:
+        for actor in state.actors().values():  # actors of this test's own local cluster only
+            if "MapWorker" in actor.get("ActorClassName", "") and actor.get("State") == "ALIVE":
+                done["committed_at_kill"] = len(list(chunks.glob("part-*.json")))
+                os.kill(actor["Pid"], signal.SIGKILL)
+                done.setdefault("pids", []).append(actor["Pid"])
+        if done.get("pids"):
             return
-        time.sleep(0.05)
-    done["committed_at_kill"] = len(list(chunks.glob("part-*.json")))
-    for actor in state.actors().values():  # actors of this test's own local cluster only
-        if "MapWorker" in actor.get("ActorClassName", "") and actor.get("State") == "ALIVE":
-            os.kill(actor["Pid"], signal.SIGKILL)
-            done.setdefault("pids", []).append(actor["Pid"])
+        time.sleep(0.02)
 
 
 @pytest.mark.timeout(900)
@@ -256,7 +259,7 @@ def test_killed_generation_actor_is_restarted_and_nothing_is_lost(tmp_path, pers
 
     out = tmp_path / "run"
     done: dict = {}
-    killer = threading.Thread(target=_kill_pool_actor_after_first_commit,
+    killer = threading.Thread(target=_kill_first_live_pool_actor,
                               args=(out / "iter_1" / "chunks", done, time.time() + 600), daemon=True)
     killer.start()
     report = run(compose(overrides(out, personas, "train.enabled=false")))
