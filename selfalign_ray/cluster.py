@@ -77,6 +77,18 @@ def apply_output_dir(cfg) -> Path:
 REAPER_ENV = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
 
 
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on host:port (a bind test; the port is released at once)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
+
+
 def init_ray(cluster) -> None:
     """Start (local) or join (remote) Ray once per process.
 
@@ -94,7 +106,15 @@ def init_ray(cluster) -> None:
         if cluster.get("num_gpus") is not None:
             kwargs["num_gpus"] = cluster.num_gpus
         if cluster.include_dashboard:
-            kwargs["dashboard_port"] = cluster.dashboard_port
+            port = cluster.dashboard_port
+            if port is None or port_free(port):
+                kwargs["dashboard_port"] = port
+            else:
+                # Another local run (or any server) holds it: without a port Ray picks a free one, so a second
+                # experiment on this machine starts instead of dying with "Failed to bind to 127.0.0.1:8265". The
+                # embedded cluster's other ports (GCS, raylet, object manager) are chosen free by Ray already.
+                log.warning("dashboard port %s is in use (another Ray on this machine?): Ray picks a free one "
+                            "(see the 'View the dashboard at' line)", port)
         ray.init(**kwargs)
         return
     try:

@@ -3,7 +3,8 @@
     iteration k:  model_{k-1} --generate--> DIR/iter_k/shards --SimPO--> DIR/iter_k/model = model_k
 
 Every step is resumable: generation skips committed chunks, training is skipped when
-`DIR/iter_k/train.json` records a finished run, so re-running the same command continues a killed run.
+`DIR/iter_k/train.json` records a finished run with the same settings (selfalign_ray/steps.py; different settings
+are refused), so re-running the same command continues a killed run.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pathlib import Path
 # can replace them.
 from selfalign_ray.cluster import init_ray
 from selfalign_ray.config import positive, to_dict
+from selfalign_ray.data.runlock import RunLock
 from selfalign_ray.data.shards import atomic_write_json
 from selfalign_ray.models.resolve import resolve_model_path
 from selfalign_ray.preflight import check_run as preflight
+from selfalign_ray.steps import files_identity, model_identity, run_step, train_settings
 
 log = logging.getLogger(__name__)
 
@@ -42,28 +45,54 @@ def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_di
         deepspeed_cfg=to_dict(cfg.deepspeed),
         objective="simpo",
         run_name=f"{cfg.mode.name}-iter{iteration}",
+        keep_checkpoints=True,
     )
-    return {"model_dir": str(result.model_dir), "summary": result.summary, "history": result.history}
+    # The checkpoints stay until train.json records the result (_recorded): a crash between costs no retrain.
+    result = {"model_dir": str(result.model_dir), "summary": result.summary, "history": result.history,
+              "init_model": init_model, "train_files": train_files}
+    return result
+
+
+def _recorded(trained: dict, iter_dir: Path) -> None:
+    """Once iter_dir/train.json holds the result: its checkpoints go, the manifest records the trained model."""
+    from selfalign_ray.train import remove_checkpoints
+
+    remove_checkpoints(trained["model_dir"])
+    path = iter_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    record = {"init_model": trained["init_model"], "model_dir": trained["model_dir"],
+              "pairs": trained["summary"]["rows"], "summary": trained["summary"],
+              "fingerprint": trained["fingerprint"]}
+    if manifest.get("train") != record:
+        manifest["train"] = record
+        atomic_write_json(path, manifest)
 
 
 def run(cfg) -> dict:
     # Absolute output dir first (cluster=remote refuses a relative one: the job's working dir is temporary).
     from selfalign_ray.cluster import apply_output_dir
 
-    apply_output_dir(cfg)
-    if cfg.mode.name == "synpo":
-        # SynPO has its own loop (generator and improver SFT, cumulative dataset, held-out evaluation).
-        from selfalign_ray.synpo.loop import run_synpo
+    out = apply_output_dir(cfg)
+    # One driver per output dir, for the whole run (SAO and SynPO; a sweep's jobs each lock their own dir).
+    with RunLock(out):
+        if cfg.mode.name == "synpo":
+            # SynPO has its own loop (generator and improver SFT, cumulative dataset, held-out evaluation).
+            from selfalign_ray.synpo.loop import run_synpo
 
-        return run_synpo(cfg)
+            return run_synpo(cfg)
+        return _run_sao(cfg)
+
+
+def _run_sao(cfg) -> dict:
     started = time.time()
     out = Path(cfg.output_dir).expanduser().resolve()
     iterations = positive(cfg.iterations, "iterations")
     positive(cfg.dataset_size, "dataset_size")
+    from selfalign_ray.train.trainer import as_train_config
+
     if cfg.train.enabled:
         # Bad training settings fail now, not after the generation they would follow.
         from selfalign_ray.train.deepspeed_config import deepspeed_config
-        from selfalign_ray.train.trainer import as_train_config
 
         deepspeed_config(to_dict(cfg.deepspeed), as_train_config(cfg.train))
     base_model = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
@@ -73,6 +102,8 @@ def run(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     generate = _generator(cfg.mode.name)
     current = base_model
+    # What each model is (path + content or the fingerprint of the step that trained it; selfalign_ray/steps.py).
+    base_identity = current_identity = model_identity(base_model)
     report = {"output_dir": str(out), "mode": cfg.mode.name, "base_model": base_model, "iterations": []}
     for k in range(1, iterations + 1):
         iter_dir = out / f"iter_{k}"
@@ -82,32 +113,27 @@ def run(cfg) -> dict:
                  "pairs_kept": manifest["pairs_kept"], "inputs": manifest["inputs"], "drops": manifest["drops"],
                  "shards": str(iter_dir / "shards"), "generation": manifest.get("generation")}
         if cfg.train.enabled:
-            train_record = iter_dir / "train.json"
-            if train_record.exists():
-                trained = json.loads(train_record.read_text())
-                log.info("iteration %d: training already done, model at %s", k, trained["model_dir"])
-            else:
-                files = [s["file"] for s in manifest["shards"] if s["rows"] > 0]
-                if not files:
-                    raise RuntimeError(f"iteration {k}: no preference pairs were kept (drops: {manifest['drops']}); "
-                                       "nothing to train on — see the manifest and rejects/")
-                init_model = current if cfg.mode.init_from == "previous" else base_model
-                trained = _train(cfg, k, init_model, files, iter_dir)
-                trained["init_model"] = init_model
-                trained["train_files"] = files
-                atomic_write_json(train_record, trained)
-                # The iteration's manifest records the model it trained and how training went.
-                manifest = {**manifest, "train": {"init_model": init_model, "model_dir": trained["model_dir"],
-                                                  "pairs": trained["summary"]["rows"],
-                                                  "summary": trained["summary"]}}
-                atomic_write_json(iter_dir / "manifest.json", manifest)
-            current = trained["model_dir"]
+            files = [s["file"] for s in manifest["shards"] if s["rows"] > 0]
+            if not files:
+                raise RuntimeError(f"iteration {k}: no preference pairs were kept (drops: {manifest['drops']}); "
+                                   "nothing to train on — see the manifest and rejects/")
+            init_model, init_identity = ((current, current_identity) if cfg.mode.init_from == "previous"
+                                         else (base_model, base_identity))
+            # The settings this step's model depends on: a finished step is reused under the same ones only.
+            settings = train_settings(as_train_config(cfg.train), to_dict(cfg.deepspeed), init_identity,
+                                      files_identity(files, out), "simpo")
+            trained = run_step(iter_dir / "train.json", f"iteration {k}: training", settings,
+                               lambda: _train(cfg, k, init_model, files, iter_dir),
+                               after=lambda t: _recorded(t, iter_dir))
+            current, current_identity = trained["model_dir"], model_identity(trained["model_dir"],
+                                                                             trained["fingerprint"])
             entry["model"] = current
             entry["train"] = trained["summary"]
+            entry["train_fingerprint"] = trained["fingerprint"]
         # Optional (eval.enabled): the new model against the base model, into the manifest (selfalign_ray/eval/).
         from selfalign_ray.eval.run import add_to_manifest, evaluate_vs_base
 
-        vs_base = evaluate_vs_base(cfg, k, current, base_model, iter_dir)
+        vs_base = evaluate_vs_base(cfg, k, current, base_model, iter_dir, current_identity, base_identity)
         if vs_base:
             entry["eval_vs_base"] = vs_base
             add_to_manifest(iter_dir, "eval_vs_base", vs_base)

@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,22 +38,48 @@ class ResumeMismatchError(RuntimeError):
     pass
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def temp_name(path: Path) -> Path:
+    """A hidden temporary sibling of `path`, unique across hosts sharing the directory (host + pid + random)."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename/creation in directory `path` durable (a file's fsync does not cover its directory entry)."""
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # platforms/file systems without directory handles: nothing more to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some network file systems refuse fsync on directories; the rename itself succeeded
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = temp_name(path)
+    created = False
+    try:
+        # O_EXCL: never write into a file someone else created under this name.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        created = True
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        created = False
+        fsync_dir(path.parent)
     except OSError as err:
         # A bare write()/fsync() error names no file; say which one was not written (ENOSPC: disk full).
         raise OSError(err.errno, f"{err.strerror or err}: could not write {path} ({len(data)} bytes); "
                                  "nothing under that name was changed") from err
     finally:
         # On ENOSPC or any other failure no half-written file is left under a visible name.
-        if tmp.exists():
-            tmp.unlink()
+        if created:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -152,10 +180,19 @@ class IterationStore:
     def part_name(chunk_id: int) -> str:
         return f"part-{chunk_id:05d}"
 
+    @staticmethod
+    def _member(folder: Path, name) -> Path:
+        """folder/name for a marker's `file` field, which must be a plain file name: an absolute path, `..` or a
+        sub-path would make the run read (and trust) a file outside the iteration dir."""
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+                or Path(name).is_absolute():
+            raise ValueError(f"its file field {name!r} is not a plain file name inside {folder}")
+        return folder / name
+
     def _verify(self, marker: dict) -> str | None:
         for key, folder in (("shard", self.shards_dir), ("rejects", self.rejects_dir)):
             info = marker[key]
-            path = folder / info["file"]
+            path = self._member(folder, info["file"])
             if not path.exists():
                 return f"{path} is missing"
             if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:

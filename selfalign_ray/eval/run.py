@@ -132,33 +132,42 @@ def evaluate(*, model_a: str, name_a: str, model_b: str | None, name_b: str | No
     return result
 
 
-def evaluate_vs_base(cfg, iteration: int, model: str, base: str, iter_dir: Path) -> dict | None:
+def evaluate_vs_base(cfg, iteration: int, model: str, base: str, iter_dir: Path, model_id: dict | None = None,
+                     base_id: dict | None = None) -> dict | None:
     """The loop's optional step (`eval.enabled`): iteration k's model against the base model.
 
     The base model judges (`eval.judge.model` to change it): a fixed judge reads every iteration on the same scale.
-    Resumable: the result is kept in iter_dir/eval_vs_base.json. Returns None when disabled or when there is
-    no new model (train.enabled=false).
+    Resumable: the result is kept in iter_dir/eval_vs_base.json with the settings it ran with (eval, engine, the
+    models' identities `model_id` / `base_id`, see selfalign_ray/steps.py); a re-run under other settings is
+    refused. Returns None when disabled or when there is no new model (train.enabled=false).
     """
     node = cfg.get("eval")
     if node is None or not node.get("enabled", False):
         return None
-    record = iter_dir / "eval_vs_base.json"
-    if record.exists():
-        return json.loads(record.read_text())
     if model == base:
         log.info("iteration %d: evaluation against the base model skipped (no trained model)", iteration)
         return None
-    from selfalign_ray.config import typed
+    from selfalign_ray.config import to_dict, typed
     from selfalign_ray.eval.data import resolve_model
+    from selfalign_ray.steps import eval_settings, model_identity, run_step
 
     settings = EvalSettings.from_cfg({k: v for k, v in node.items() if k != "enabled"})
     judge = resolve_model(settings.judge.model)[0] if settings.judge.model else base
-    result = evaluate(model_a=model, name_a=f"iter_{iteration}", model_b=base, name_b="base", judge=judge,
-                      settings=settings, engine=typed(EngineConfig, cfg.engine, "engine"),
-                      out_dir=iter_dir / "eval", seed=cfg.seed, iteration=iteration)
-    atomic_write_json(record, result)
-    log.info("iteration %d vs base: %s", iteration, describe(result))
-    return result
+    engine = typed(EngineConfig, cfg.engine, "engine")
+    base_id = base_id or model_identity(base)
+    models = {"a": model_id or model_identity(model), "b": base_id,
+              "judge": base_id if judge == base else model_identity(judge)}
+    step = eval_settings(to_dict(node), engine, models, cfg.seed)
+
+    def work():
+        result = evaluate(model_a=model, name_a=f"iter_{iteration}", model_b=base, name_b="base", judge=judge,
+                          settings=settings, engine=engine, out_dir=iter_dir / "eval", seed=cfg.seed,
+                          iteration=iteration)
+        log.info("iteration %d vs base: %s", iteration, describe(result))
+        return result
+
+    return run_step(iter_dir / "eval_vs_base.json", f"iteration {iteration}: evaluation against the base model",
+                    step, work)
 
 
 def describe(r: dict) -> str:

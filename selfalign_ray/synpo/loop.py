@@ -10,7 +10,8 @@
                  π_t = SimPO(θ0 on D)  (mode.init_from=base, the paper)                 DIR/iter_t/model/
                  held-out evaluation of π_t                                             DIR/iter_t/eval.json
 
-Every step is resumable: a step whose record (`*.json` next to its output) exists is skipped, pair
+Every step is resumable: a step whose record (`*.json` next to its output) holds the same settings is skipped
+(other settings are refused, selfalign_ray/steps.py), pair
 generation skips committed chunks, and the settings that decide the outputs are bound in
 DIR/synpo/run.json, so re-running the same command continues a killed run and a different one is refused.
 With train.enabled=false the SimPO step is skipped (π_t stays θ0); the generator and improver are still
@@ -41,6 +42,15 @@ from selfalign_ray.synpo.pipeline import Models, generate_pairs
 from selfalign_ray.synpo.seed_passes import evaluate_heldout, improver_training_data
 from selfalign_ray.synpo.seeds import SeedSplit, load_seeds, split_seeds
 from selfalign_ray.synpo.sft_data import generator_examples, write_sft
+from selfalign_ray.steps import (
+    engine_settings,
+    eval_settings,
+    files_identity,
+    fingerprint,
+    model_identity,
+    run_step,
+    train_settings,
+)
 from selfalign_ray.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -59,23 +69,23 @@ def _bind(path: Path, settings: dict) -> None:
         atomic_write_json(path, settings)
 
 
-def _once(record: Path, what: str, work):
-    """Run `work()` unless `record` already holds its result (a resumed run); store the result there."""
-    if record.exists():
-        log.info("%s: already done (%s)", what, record)
-        return json.loads(record.read_text())
-    started = time.time()
-    result = work()
-    result["wall_s"] = round(time.time() - started, 1)
-    atomic_write_json(record, result)
-    return result
+def _once(record: Path, what: str, settings: dict, work, trains: bool = False):
+    """Run `work()` unless `record` holds its result under the same `settings` (a resumed run; other settings are
+    refused, selfalign_ray/steps.py); store the result with its settings there. A training step's checkpoints are
+    deleted only once the record is written."""
+    def drop_checkpoints(result: dict) -> None:
+        from selfalign_ray.train import remove_checkpoints
+
+        remove_checkpoints(result["model_dir"])
+
+    return run_step(record, what, settings, work, after=drop_checkpoints if trains else None)
 
 
 def _sft(model: str, data_file: str, output_dir: Path, cfg: TrainConfig, deepspeed: dict, run_name: str) -> dict:
     from selfalign_ray.train import train_model
 
     result = train_model(model_path=model, train_files=[data_file], output_dir=str(output_dir), cfg=cfg,
-                         deepspeed_cfg=deepspeed, objective="sft", run_name=run_name)
+                         deepspeed_cfg=deepspeed, objective="sft", run_name=run_name, keep_checkpoints=True)
     return {"model_dir": result.model_dir, "init_model": model, "train_files": [data_file], "summary": result.summary}
 
 
@@ -110,16 +120,32 @@ class SynpoRun:
         seeds, self.seed_report = load_seeds(self.sc.seeds)
         self.split: SeedSplit = split_seeds(seeds, self.sc.seeds, self.seed)
         self.corpus = build_corpus(self.sc.keywords, [(s.id, s.prompt) for s in self.split.train + self.split.unused])
+        # What each model is (selfalign_ray/steps.py): base models by content, trained ones by their step.
+        self.identities = {self.base: model_identity(self.base)}
+        self.run_fingerprint = None
+
+    def identity(self, model: str) -> dict:
+        if model not in self.identities:
+            self.identities[model] = model_identity(model)
+        return self.identities[model]
+
+    def trained(self, record: dict) -> dict:
+        """Remember the identity of a model a step trained; return the record."""
+        self.identities[record["model_dir"]] = model_identity(record["model_dir"], record["fingerprint"])
+        return record
 
     def bind(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
-        _bind(self.work / "run.json", {
+        settings = {
             "base_model": self.base, "judge_model": self.judge, "seed": self.seed, "mode": to_dict(self.cfg.mode),
             "sft": {k: v for k, v in asdict(self.sft_cfg).items() if k != "enabled"},
             "improver_sft": {k: v for k, v in asdict(self.improver_sft_cfg).items() if k != "enabled"},
             "simpo": {k: v for k, v in asdict(self.simpo_cfg).items() if k != "enabled"},
             "seed_split": self.split.to_json(), "corpus": self.corpus.stats()["paragraphs"],
-        })
+        }
+        _bind(self.work / "run.json", settings)
+        # The SFT data of the generator and improvers follow from these (seeds, split, keywords, mode).
+        self.run_fingerprint = fingerprint(settings)
 
     # ------------------------------------------------------------------------------------------ steps
     def generator(self) -> dict:
@@ -133,12 +159,16 @@ class SynpoRun:
             trained = _sft(self.base, data, self.work / "generator", self.sft_cfg, self.deepspeed, "synpo-generator")
             return {**trained, "examples": len(rows), "skipped_seeds": dict(skipped)}
 
-        return _once(self.work / "generator.json", "generator SFT", work)
+        settings = train_settings(self.sft_cfg, self.deepspeed, self.identity(self.base), self.run_fingerprint, "sft")
+        return self.trained(_once(self.work / "generator.json", "generator SFT", settings, work, trains=True))
 
     def evaluate(self, model: str, record: Path, iteration: int) -> dict | None:
         if not self.sc.eval.enabled or not self.split.heldout:
             return None
-        return _once(record, f"held-out evaluation of {model}",
+        settings = {**eval_settings(asdict(self.sc.eval), self.engine,
+                                    {"model": self.identity(model), "judge": self.identity(self.judge)}, self.seed),
+                    "iteration": iteration, "heldout": self.run_fingerprint}
+        return _once(record, f"held-out evaluation of {model}", settings,
                      lambda: evaluate_heldout(model, self.judge, self.split.heldout, self.sc, self.engine,
                                               self.seed, iteration))
 
@@ -154,7 +184,11 @@ class SynpoRun:
                            f"synpo-improver-iter{iteration}")
             return {**trained, "policy": policy, "data": stats}
 
-        return _once(iter_dir / "improver.json", f"iteration {iteration}: improver SFT", work)
+        settings = {**train_settings(self.improver_sft_cfg, self.deepspeed, self.identity(self.base),
+                                     self.run_fingerprint, "sft"),
+                    "policy": self.identity(policy), "judge": self.identity(self.judge),
+                    "engine": engine_settings(self.engine), "iteration": iteration}
+        return _once(iter_dir / "improver.json", f"iteration {iteration}: improver SFT", settings, work, trains=True)
 
     def simpo(self, iteration: int, init_model: str, files: list[str], iter_dir: Path) -> dict:
         def work():
@@ -162,11 +196,14 @@ class SynpoRun:
 
             result = train_model(model_path=init_model, train_files=files, output_dir=str(iter_dir / "model"),
                                  cfg=self.simpo_cfg, deepspeed_cfg=self.deepspeed, objective="simpo",
-                                 run_name=f"synpo-iter{iteration}")
+                                 run_name=f"synpo-iter{iteration}", keep_checkpoints=True)
             return {"model_dir": result.model_dir, "init_model": init_model, "train_files": files,
                     "summary": result.summary, "history": result.history}
 
-        return _once(iter_dir / "train.json", f"iteration {iteration}: SimPO", work)
+        settings = train_settings(self.simpo_cfg, self.deepspeed, self.identity(init_model),
+                                  files_identity(files, self.out), "simpo")
+        return self.trained(_once(iter_dir / "train.json", f"iteration {iteration}: SimPO", settings, work,
+                                  trains=True))
 
     def iteration(self, k: int, policy: str, generator: str) -> tuple[dict, str]:
         """Run iteration k with π_{k-1} = `policy`; return its report entry and π_k."""
@@ -205,7 +242,8 @@ class SynpoRun:
             # Optional (eval.enabled): π_k against θ0 on the evaluation prompts (selfalign_ray/eval/).
             from selfalign_ray.eval.run import evaluate_vs_base
 
-            vs_base = evaluate_vs_base(self.cfg, k, current, self.base, iter_dir)
+            vs_base = evaluate_vs_base(self.cfg, k, current, self.base, iter_dir, self.identity(current),
+                                       self.identity(self.base))
             if vs_base:
                 manifest["eval_vs_base"] = entry["eval_vs_base"] = vs_base
         atomic_write_json(iter_dir / "manifest.json", manifest)

@@ -2,6 +2,6 @@
 
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.simpo import simpo_loss
-from selfalign_ray.train.trainer import TrainResult, train_model
+from selfalign_ray.train.trainer import TrainResult, remove_checkpoints, train_model
 
-__all__ = ["TrainConfig", "TrainResult", "simpo_loss", "train_model"]
+__all__ = ["TrainConfig", "TrainResult", "remove_checkpoints", "simpo_loss", "train_model"]

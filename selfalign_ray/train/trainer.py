@@ -9,7 +9,9 @@ Files, for output_dir=D:
     D/                    the trained model: safetensors + tokenizer + chat template (transformers, vLLM)
     D/train_history.jsonl one line per optimizer step (loss, rewards, margin, accuracy, tokens/s, lr)
     D/train_summary.json  the run summary (also TrainResult.summary)
-    D_ray/                Ray Train storage (checkpoints) while the run is alive; deleted after success.
+    D_ray/                Ray Train storage (checkpoints) while the run is alive; deleted after success, or by
+                          remove_checkpoints(D) once the caller has recorded the result (keep_checkpoints=True:
+                          a crash between the two must not cost a full retrain).
                           D, D_ray and the model path must be on storage every node sees (a shared file
                           system on a multi-node cluster), since rank 0 writes D wherever it runs.
 If the driver itself dies, calling train_model again with the same inputs and settings resumes from the
@@ -127,6 +129,13 @@ def _prepare_storage(storage: Path, out: Path, fingerprint: dict) -> bool:
     return False
 
 
+def remove_checkpoints(output_dir: str | Path) -> None:
+    """Delete the Ray Train storage (checkpoints) of the run that wrote `output_dir`: they only serve restarts of
+    that run; the HF directory is the product. Idempotent."""
+    out = Path(output_dir).expanduser().resolve()
+    shutil.rmtree(out.parent / f"{out.name}_ray", ignore_errors=True)
+
+
 def _read_history(path: Path) -> list[dict]:
     # A step redone after a restart is logged twice; the later line is the one that counted.
     by_step = {}
@@ -140,12 +149,14 @@ def _read_history(path: Path) -> list[dict]:
 
 def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg, deepspeed_cfg: dict,
                 objective: str = "simpo", eval_files: list[str] | None = None,
-                run_name: str = "train") -> TrainResult:
+                run_name: str = "train", keep_checkpoints: bool = False) -> TrainResult:
     """Train `model_path` on `train_files` (Parquet; TRL conversational preference rows for "simpo",
     prompt-completion rows for "sft") and save the result as an HF directory at `output_dir`.
 
     `eval_files` (same format) are evaluated before and after training (summary eval_before/eval_after),
     next to the training set itself (before/after). Ray must already be initialised.
+    keep_checkpoints=True leaves D_ray for the caller to delete with remove_checkpoints(D) after it has
+    recorded the result.
     """
     import ray
     from ray.data import ExecutionOptions
@@ -232,7 +243,7 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     summary = json.loads((out / SUMMARY_FILE).read_text())
     summary.update(wall_s=round(time.time() - started, 1), resumed_interrupted_run=resumed)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    # Checkpoints only serve restarts of this run; the HF directory is the product.
-    shutil.rmtree(storage, ignore_errors=True)
     (out / CRASH_MARKER).unlink(missing_ok=True)
+    if not keep_checkpoints:
+        remove_checkpoints(out)
     return TrainResult(model_dir=str(out), history=_read_history(out / HISTORY_FILE), summary=summary)

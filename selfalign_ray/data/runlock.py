@@ -1,0 +1,176 @@
+"""One writer per output dir: `output_dir/.lock`, held by the driver for the whole run.
+
+Two drivers in one output dir would resume into the same chunks and model directories, delete each other's
+checkpoints and remove markers mid-commit (e.g. a Ctrl-C'd `ray job submit` whose job kept running, then the
+same command again). The lock file is created with O_CREAT|O_EXCL (atomic on local file systems and NFSv3+) and
+holds who owns it: host, pid, start time, the Ray job (id and submission id when there is one).
+
+    free                      -> created; removed by release() (at exit, also after an error)
+    held by a live process    -> RunLockedError (a user error: exit 2), naming the holder
+    held by a dead process    -> same host, pid gone: taken over with a warning
+    held on another host      -> never taken over automatically (its pid means nothing here): the message says
+                                 how to check the holder and remove the file
+    unreadable (half-written) -> treated as held; the message names the file to remove
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from selfalign_ray.data.shards import ResumeMismatchError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+
+
+class RunLockedError(ResumeMismatchError):
+    """The output dir is locked by another driver (a user error: choose another output_dir or stop that run)."""
+
+
+def _ray_job() -> dict:
+    """The Ray job this driver runs as, when there is one (after ray.init, or under `ray job submit`)."""
+    job: dict = {}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            job["job_id"] = ray.get_runtime_context().get_job_id()
+    except Exception:  # noqa: BLE001 - the lock must not fail on an introspection detail
+        pass
+    if "job_id" not in job and os.environ.get("RAY_JOB_ID"):
+        job["job_id"] = os.environ["RAY_JOB_ID"]
+    # `ray job submit` passes the job's metadata (its submission id, what `ray job stop` takes) to the driver.
+    try:
+        meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata") or {}
+        if meta.get("job_submission_id"):
+            job["submission_id"] = meta["job_submission_id"]
+    except (ValueError, AttributeError):
+        pass
+    return job
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on one output dir. `acquire()` / `release()`, or `with RunLock(dir):`."""
+
+    def __init__(self, output_dir: str | Path, name: str = LOCK_NAME):
+        self.path = Path(output_dir) / name
+        self.held = False
+        self.info: dict = {}
+
+    @staticmethod
+    def describe(info: dict) -> str:
+        job = info.get("ray_job") or {}
+        parts = [f"host {info.get('host')}", f"pid {info.get('pid')}", f"started {info.get('started')}"]
+        if job.get("submission_id"):
+            parts.append(f"Ray job {job['submission_id']}")
+        elif job.get("job_id"):
+            parts.append(f"Ray job id {job['job_id']}")
+        return ", ".join(parts)
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.info, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(),
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "started_unix": time.time(),
+                     "ray_job": _ray_job()}
+        for _ in range(3):  # another driver may release or take over between our tries
+            if self._create():
+                self.held = True
+                return self
+            holder = self._read()
+            if holder == {}:  # released just now
+                continue
+            if holder is None:
+                raise RunLockedError(
+                    f"{self.path.parent} is locked by {self.path}, which is unreadable (a driver killed while "
+                    f"writing it?); if no other run uses this output dir, delete {self.path} and re-run")
+            if holder.get("host") == self.info["host"] and holder.get("pid") == os.getpid():
+                raise RunLockedError(f"{self.path.parent} is already locked by this process")
+            if holder.get("host") == self.info["host"] and isinstance(holder.get("pid"), int) \
+                    and not _pid_alive(holder["pid"]):
+                log.warning("%s: taking over the lock of a driver that is gone (%s)", self.path.parent,
+                            self.describe(holder))
+                # Rename first: of two drivers taking over at once, only one renames this file away.
+                stale = self.path.with_name(f"{self.path.name}.stale-{self.info['host']}-{os.getpid()}")
+                try:
+                    os.rename(self.path, stale)
+                    stale.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            where = ("" if holder.get("host") == self.info["host"] else
+                     f" It was taken on another host: check there that the run is gone (`ps -p {holder.get('pid')}`"
+                     f" on {holder.get('host')}, or `ray job list`), then delete {self.path}.")
+            raise RunLockedError(
+                f"{self.path.parent} is in use by another driver ({self.describe(holder)}); wait for it, stop it "
+                f"(`ray job stop <id>` for a submitted job), or choose another output_dir.{where}")
+        raise RunLockedError(f"{self.path.parent}: could not take {self.path} (other drivers keep racing for it)")
+
+    def update_ray_job(self) -> None:
+        """Record the Ray job id once Ray is initialised (the lock is taken before, so a refused driver starts
+        no Ray)."""
+        if not self.held:
+            return
+        job = _ray_job()
+        if job != self.info.get("ray_job"):
+            self.info["ray_job"] = job
+            tmp = self.path.with_name(f"{self.path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+            tmp.write_text(json.dumps(self.info, indent=2) + "\n")
+            os.replace(tmp, self.path)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        holder = self._read()
+        # Never remove a lock someone else took over meanwhile.
+        if holder and (holder.get("host"), holder.get("pid")) != (self.info["host"], self.info["pid"]):
+            log.warning("%s: the lock now belongs to %s; left in place", self.path, self.describe(holder))
+            return
+        try:
+            self.path.unlink()
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                raise
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
