@@ -18,7 +18,7 @@ from pathlib import Path
 # can replace them.
 from selfalign_ray.cluster import init_ray
 from selfalign_ray.config import positive, to_dict
-from selfalign_ray.data.runlock import RunLock
+from selfalign_ray.data.runlock import RunLock, note_ray_job
 from selfalign_ray.data.shards import atomic_write_json
 from selfalign_ray.models.resolve import resolve_model_path
 from selfalign_ray.preflight import check_run as preflight
@@ -97,6 +97,7 @@ def _run_sao(cfg) -> dict:
         deepspeed_config(to_dict(cfg.deepspeed), as_train_config(cfg.train))
     base_model = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
     init_ray(cfg.cluster)
+    note_ray_job()  # the output dir's lock records the Ray job id (data/runlock.py)
     # What every stage asks for against what the cluster has or can scale to: refused now, not waited on forever.
     preflight(cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -186,3 +186,15 @@ def test_a_marker_file_field_may_not_leave_the_iteration_dir(tmp_path, caplog, n
     with caplog.at_level(logging.WARNING, logger="selfalign_ray.data.shards"):
         assert list(store.committed()) == [1]
     assert any("part-00002.json" in r.getMessage() and repr(name) in r.getMessage() for r in caplog.records)
+
+
+def test_the_lock_records_the_ray_job_once_ray_runs(tmp_path, monkeypatch):
+    from selfalign_ray.data import runlock
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_7"}}))
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["ray_job"] == {"submission_id": "raysubmit_7"}
+        monkeypatch.setattr(runlock, "_ray_job", lambda: {"job_id": "01000000", "submission_id": "raysubmit_7"})
+        runlock.note_ray_job()
+        assert json.loads((tmp_path / ".lock").read_text())["ray_job"]["job_id"] == "01000000"
+    assert not runlock._HELD

@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 
 
+# Locks this process holds, by output dir: note_ray_job() finds them after Ray has started.
+_HELD: dict[Path, "RunLock"] = {}
+
+
+def note_ray_job() -> None:
+    """Record the Ray job id in every lock this process holds (call after ray.init: the lock is taken before Ray
+    starts, so that a refused driver starts no Ray)."""
+    for lock in list(_HELD.values()):
+        lock.update_ray_job()
+
+
 class RunLockedError(ResumeMismatchError):
     """The output dir is locked by another driver (a user error: choose another output_dir or stop that run)."""
 
@@ -112,6 +123,7 @@ class RunLock:
         for _ in range(3):  # another driver may release or take over between our tries
             if self._create():
                 self.held = True
+                _HELD[self.path] = self
                 return self
             holder = self._read()
             if holder == {}:  # released just now
@@ -158,6 +170,7 @@ class RunLock:
         if not self.held:
             return
         self.held = False
+        _HELD.pop(self.path, None)
         holder = self._read()
         # Never remove a lock someone else took over meanwhile.
         if holder and (holder.get("host"), holder.get("pid")) != (self.info["host"], self.info["pid"]):

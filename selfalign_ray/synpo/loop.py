@@ -252,12 +252,14 @@ class SynpoRun:
 
 def run_synpo(cfg) -> dict:
     from selfalign_ray.cluster import init_ray
+    from selfalign_ray.data.runlock import note_ray_job
     from selfalign_ray.preflight import check_run
 
     started = time.time()
     iterations = positive(cfg.iterations, "iterations")
     run = SynpoRun(cfg)
     init_ray(cfg.cluster)
+    note_ray_job()  # the output dir's lock records the Ray job id (data/runlock.py)
     # Every stage's resources against the cluster, before run.json binds the output dir.
     check_run(cfg)
     run.bind()
