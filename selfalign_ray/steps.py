@@ -37,15 +37,18 @@ log = logging.getLogger(__name__)
 # reservations and thread counts, the CPU all-reduce implementation, and where checkpoints are staged.
 TRAIN_IGNORED = frozenset({"enabled", "max_failures", "checkpoint_every_steps", "checkpoint_staging_dir",
                            "cpus_per_worker", "torch_threads", "cpu_shm_comm"})
-# deepspeed.* settings that only change logging or communication bucketing/overlap (the same sums, cut into
-# other pieces), not the optimizer's arithmetic.
+# deepspeed.* settings that only change logging, communication bucketing/overlap (the same sums, cut into other
+# pieces) or which small parameters stay unpartitioned, not the optimizer's arithmetic.
 DEEPSPEED_IGNORED = frozenset({"steps_per_print", "wall_clock_breakdown", "comms_logger", "flops_profiler",
                                "tensorboard", "wandb", "csv_monitor", "zero_optimization.overlap_comm",
                                "zero_optimization.contiguous_gradients", "zero_optimization.reduce_bucket_size",
                                "zero_optimization.allgather_bucket_size",
                                "zero_optimization.stage3_prefetch_bucket_size",
                                "zero_optimization.stage3_max_live_parameters",
-                               "zero_optimization.stage3_max_reuse_distance"})
+                               "zero_optimization.stage3_max_reuse_distance",
+                               "zero_optimization.stage3_param_persistence_threshold",
+                               # our trainer saves the model itself (train/worker.py), never DeepSpeed's 16-bit copy
+                               "zero_optimization.stage3_gather_16bit_weights_on_model_save"})
 # engine.* settings that place or size the engine pool (actors, CPUs/GPUs per actor, KV-cache memory, threads):
 # answers are seeded per row (engines/base.py request_seed), not per actor.
 ENGINE_IGNORED = frozenset({"num_actors", "num_cpus_per_actor", "num_gpus_per_actor", "gpu_memory_utilization",

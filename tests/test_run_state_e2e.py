@@ -53,8 +53,9 @@ def test_a_changed_setting_is_refused_for_every_finished_step(tmp_path, persona_
                                                 r"settings \(train.beta: 10.0 -> 2.0; train.learning_rate: "
                                                 r"1e-06 -> 1e-05\)"):
         run(_cfg(out, persona_file, "train.learning_rate=1e-5", "train.beta=2.0"))
-    with pytest.raises(StepSettingsError, match=r"deepspeed.zero_optimization.stage: 3 -> 2"):
-        run(_cfg(out, persona_file, "deepspeed.zero_optimization.stage=2"))
+    with pytest.raises(StepSettingsError, match=r"deepspeed.zero_optimization.offload_optimizer.device: <unset> -> "
+                                                r"\"cpu\""):
+        run(_cfg(out, persona_file, "deepspeed=zero3_offload"))
     # An evaluation setting: refused too.
     with pytest.raises(StepSettingsError, match=r"eval_vs_base.json was made with different settings "
                                                 r"\(eval.sampling.max_tokens: 6 -> 7\)"):
@@ -66,7 +67,7 @@ def test_a_changed_setting_is_refused_for_every_finished_step(tmp_path, persona_
 def _cli(out, persona_file, *extra) -> list[str]:
     return [sys.executable, "-m", "selfalign_ray", "model=tiny_random", "dataset_size=2", "iterations=1",
             f"personas.path={persona_file}", f"output_dir={out}", "mode.respond.max_tokens=6",
-            "mode.instruct.max_tokens=8", "train.enabled=false", "cluster.num_cpus=1", *extra]
+            "mode.instruct.max_tokens=8", "train.enabled=false", "cluster.num_cpus=2", *extra]
 
 
 @pytest.mark.timeout(600)

@@ -96,3 +96,13 @@ def test_two_synpo_iterations_on_tiny_random(tmp_path, tiny_model_path, ray_loca
     again = run(cfg)
     assert (out / "iter_2" / "model" / "model.safetensors").stat().st_mtime_ns == mtime
     assert [i["cumulative_pairs"] for i in again["iterations"]] == [m1["cumulative_pairs"], m2["cumulative_pairs"]]
+
+    # A setting that run.json does not bind (DeepSpeed) but the finished steps used: refused, naming it.
+    from selfalign_ray.steps import StepSettingsError
+
+    with pytest.raises(StepSettingsError, match=r"generator SFT: .*generator.json was made with different settings "
+                                                r"\(deepspeed.zero_optimization.offload_optimizer.device: <unset> -> "
+                                                r"\"cpu\""):
+        run(synpo_cfg(out, seeds, "deepspeed=zero3_offload"))
+    assert (out / "iter_2" / "model" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert not (out / ".lock").exists() and not (out / "iter_2" / "model_ray").exists()
