@@ -14,7 +14,7 @@ import sys
 import pyarrow as pa
 import pytest
 
-from selfalign_ray.data.runlock import RunLock, RunLockedError
+from selfalign_ray.data.runlock import RunLock, RunLockedError, _proc_start
 from selfalign_ray.data.schema import PAIR_SCHEMA, REJECT_SCHEMA
 from selfalign_ray.data.shards import ChunkStats, IterationStore, ResumeMismatchError, atomic_write_bytes, temp_name
 from selfalign_ray.steps import (
@@ -112,7 +112,7 @@ def test_a_second_driver_is_refused_naming_the_holder(tmp_path):
         info = json.loads((tmp_path / ".lock").read_text())
         assert info["host"] == socket.gethostname() and info["pid"] == os.getpid() and "started" in info
         # Another live process on this host holds it (here: our parent, which is alive).
-        lock.path.write_text(json.dumps({**info, "pid": os.getppid()}))
+        lock.path.write_text(json.dumps({**info, "pid": os.getppid(), "proc_start": _proc_start(os.getppid())}))
         with pytest.raises(RunLockedError) as err:
             RunLock(tmp_path).acquire()
         assert f"pid {os.getppid()}" in str(err.value) and socket.gethostname() in str(err.value)
@@ -198,3 +198,13 @@ def test_the_lock_records_the_ray_job_once_ray_runs(tmp_path, monkeypatch):
         runlock.note_ray_job()
         assert json.loads((tmp_path / ".lock").read_text())["ray_job"]["job_id"] == "01000000"
     assert not runlock._HELD
+
+
+def test_a_reused_pid_does_not_keep_a_dead_drivers_lock(tmp_path):
+    """The pid is alive (our parent) but started at another time than the lock's holder: the holder is gone."""
+    (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(),
+                                                "proc_start": "1", "started": "x"}))
+    if not os.path.exists(f"/proc/{os.getppid()}/stat"):
+        pytest.skip("no /proc on this platform")
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()

@@ -67,14 +67,24 @@ def _ray_job() -> dict:
     return job
 
 
-def _pid_alive(pid: int) -> bool:
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux /proc), to tell a reused pid from its holder."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised command name
+
+
+def _pid_alive(pid: int, proc_start: str | None = None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
-        return True
-    return True
+        pass
+    # The pid lives, but as another process (pids are reused): the holder is gone.
+    return not (proc_start and _proc_start(pid) not in (None, proc_start))
 
 
 class RunLock:
@@ -117,7 +127,7 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.info = {"host": socket.gethostname(), "pid": os.getpid(),
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "started_unix": time.time(),
                      "ray_job": _ray_job()}
         for _ in range(3):  # another driver may release or take over between our tries
@@ -135,7 +145,7 @@ class RunLock:
             if holder.get("host") == self.info["host"] and holder.get("pid") == os.getpid():
                 raise RunLockedError(f"{self.path.parent} is already locked by this process")
             if holder.get("host") == self.info["host"] and isinstance(holder.get("pid"), int) \
-                    and not _pid_alive(holder["pid"]):
+                    and not _pid_alive(holder["pid"], holder.get("proc_start")):
                 log.warning("%s: taking over the lock of a driver that is gone (%s)", self.path.parent,
                             self.describe(holder))
                 # Rename first: of two drivers taking over at once, only one renames this file away.
