@@ -7,7 +7,8 @@ holds who owns it: host, pid, start time, the Ray job (id and submission id when
 
     free                      -> created; removed by release() (at exit, also after an error)
     held by a live process    -> RunLockedError (a user error: exit 2), naming the holder
-    held by a dead process    -> same host, pid gone: taken over with a warning
+    held by a dead process    -> same host, pid gone (or reused by a process started later): taken over with a
+                                 warning
     held on another host      -> never taken over automatically (its pid means nothing here): the message says
                                  how to check the holder and remove the file
     unreadable (half-written) -> treated as held; the message names the file to remove
