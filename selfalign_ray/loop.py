@@ -18,6 +18,7 @@ from pathlib import Path
 from selfalign_ray.cluster import init_ray
 from selfalign_ray.config import positive, to_dict
 from selfalign_ray.data.shards import atomic_write_json
+from selfalign_ray.models.loading import ModelLoadConfig
 from selfalign_ray.models.resolve import resolve_model_path
 from selfalign_ray.preflight import check_run as preflight
 
@@ -42,6 +43,7 @@ def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_di
         deepspeed_cfg=to_dict(cfg.deepspeed),
         objective="simpo",
         run_name=f"{cfg.mode.name}-iter{iteration}",
+        model_load=ModelLoadConfig.from_model_node(cfg.model).to_json(),
     )
     return {"model_dir": str(result.model_dir), "summary": result.summary, "history": result.history}
 
@@ -66,7 +68,8 @@ def run(cfg) -> dict:
         from selfalign_ray.train.trainer import as_train_config
 
         deepspeed_config(to_dict(cfg.deepspeed), as_train_config(cfg.train))
-    base_model = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
+    base_model = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype,
+                                    allow_pickle_weights=bool(cfg.model.get("allow_pickle_weights", False)))
     init_ray(cfg.cluster)
     # What every stage asks for against what the cluster has or can scale to: refused now, not waited on forever.
     preflight(cfg)

@@ -22,7 +22,7 @@ import pandas as pd
 
 from selfalign_ray.data.shards import atomic_write_json
 from selfalign_ray.engines.base import SamplingSpec
-from selfalign_ray.engines.config import EngineConfig
+from selfalign_ray.engines.config import EngineConfig, engine_config
 from selfalign_ray.eval.data import PromptsConfig, alpaca_outputs, load_prompts
 from selfalign_ray.eval.stages import AnswerStage, PairwiseJudgeStage
 from selfalign_ray.eval.winrate import win_rate
@@ -148,13 +148,12 @@ def evaluate_vs_base(cfg, iteration: int, model: str, base: str, iter_dir: Path)
     if model == base:
         log.info("iteration %d: evaluation against the base model skipped (no trained model)", iteration)
         return None
-    from selfalign_ray.config import typed
     from selfalign_ray.eval.data import resolve_model
 
     settings = EvalSettings.from_cfg({k: v for k, v in node.items() if k != "enabled"})
     judge = resolve_model(settings.judge.model)[0] if settings.judge.model else base
     result = evaluate(model_a=model, name_a=f"iter_{iteration}", model_b=base, name_b="base", judge=judge,
-                      settings=settings, engine=typed(EngineConfig, cfg.engine, "engine"),
+                      settings=settings, engine=engine_config(cfg),
                       out_dir=iter_dir / "eval", seed=cfg.seed, iteration=iteration)
     atomic_write_json(record, result)
     log.info("iteration %d vs base: %s", iteration, describe(result))

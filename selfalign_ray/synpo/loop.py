@@ -25,10 +25,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from selfalign_ray.config import positive, to_dict, typed
+from selfalign_ray.config import positive, to_dict
 from selfalign_ray.data.shards import ResumeMismatchError, atomic_write_json
-from selfalign_ray.engines.config import EngineConfig
+from selfalign_ray.engines.config import engine_config
 from selfalign_ray.models.resolve import resolve_model_path
+from selfalign_ray.redaction import redact
 from selfalign_ray.synpo.config import (
     SynpoConfig,
     sft_train_config,
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 
 def _bind(path: Path, settings: dict) -> None:
     """Record the settings of this output dir; refuse to resume it under different ones."""
-    settings = json.loads(json.dumps(settings, default=str))
+    # Secret values (a token under mode.*) are never written; compared redacted, so a new token still resumes.
+    settings = redact(json.loads(json.dumps(settings, default=str)))
     if path.exists():
         old = json.loads(path.read_text())
         if old != settings:
@@ -71,11 +73,12 @@ def _once(record: Path, what: str, work):
     return result
 
 
-def _sft(model: str, data_file: str, output_dir: Path, cfg: TrainConfig, deepspeed: dict, run_name: str) -> dict:
+def _sft(model: str, data_file: str, output_dir: Path, cfg: TrainConfig, deepspeed: dict, run_name: str,
+         model_load: dict | None = None) -> dict:
     from selfalign_ray.train import train_model
 
     result = train_model(model_path=model, train_files=[data_file], output_dir=str(output_dir), cfg=cfg,
-                         deepspeed_cfg=deepspeed, objective="sft", run_name=run_name)
+                         deepspeed_cfg=deepspeed, objective="sft", run_name=run_name, model_load=model_load)
     return {"model_dir": result.model_dir, "init_model": model, "train_files": [data_file], "summary": result.summary}
 
 
@@ -100,9 +103,10 @@ class SynpoRun:
         self.out = Path(cfg.output_dir).expanduser().resolve()
         self.work = self.out / "synpo"
         self.seed = cfg.seed
-        self.base = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
+        self.base = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype,
+                                       allow_pickle_weights=bool(cfg.model.get("allow_pickle_weights", False)))
         self.judge = resolve_model_path("hf", self.sc.filter.judge_model) if self.sc.filter.judge_model else self.base
-        self.engine = typed(EngineConfig, cfg.engine, "engine")
+        self.engine = engine_config(cfg)
         self.sft_cfg = sft_train_config(cfg.train, self.sc.sft)
         self.improver_sft_cfg = sft_train_config(cfg.train, {**self.sc.sft, **self.sc.improver_sft})
         self.simpo_cfg = simpo_train_config(cfg.train, self.sc.simpo)
@@ -130,7 +134,8 @@ class SynpoRun:
                 raise ValueError(f"only {len(rows)} training seeds give a keyword list ({dict(skipped)}); "
                                  "the generator needs at least 2 examples")
             data = write_sft(self.work / "generator_sft.parquet", rows)
-            trained = _sft(self.base, data, self.work / "generator", self.sft_cfg, self.deepspeed, "synpo-generator")
+            trained = _sft(self.base, data, self.work / "generator", self.sft_cfg, self.deepspeed, "synpo-generator",
+                           model_load=self.engine.model_load)
             return {**trained, "examples": len(rows), "skipped_seeds": dict(skipped)}
 
         return _once(self.work / "generator.json", "generator SFT", work)
@@ -151,7 +156,7 @@ class SynpoRun:
                                    "the improver needs at least 2 (see mode.improve.min_gold_gap)")
             data = write_sft(iter_dir / "improver_sft.parquet", examples)
             trained = _sft(self.base, data, iter_dir / "improver", self.improver_sft_cfg, self.deepspeed,
-                           f"synpo-improver-iter{iteration}")
+                           f"synpo-improver-iter{iteration}", model_load=self.engine.model_load)
             return {**trained, "policy": policy, "data": stats}
 
         return _once(iter_dir / "improver.json", f"iteration {iteration}: improver SFT", work)
@@ -162,7 +167,7 @@ class SynpoRun:
 
             result = train_model(model_path=init_model, train_files=files, output_dir=str(iter_dir / "model"),
                                  cfg=self.simpo_cfg, deepspeed_cfg=self.deepspeed, objective="simpo",
-                                 run_name=f"synpo-iter{iteration}")
+                                 run_name=f"synpo-iter{iteration}", model_load=self.engine.model_load)
             return {"model_dir": result.model_dir, "init_model": init_model, "train_files": files,
                     "summary": result.summary, "history": result.history}
 
