@@ -65,6 +65,7 @@ def secret_values(overrides: Iterable[str]) -> set[str]:
     return out
 
 
+MIN_SCRUBBED_CHARS = 6
 # key=value (overrides, Hydra's override_dirname), "key": "value" / 'key': 'value' (JSON, reprs), key: value (YAML).
 _ASSIGNED = re.compile(r"(?P<key>[\w.\-+~]+)=(?P<value>[^\s,;'\"\]\)}]+)")
 _QUOTED = re.compile(r"""(?P<q>['"])(?P<key>[\w.\-]+)(?P=q)(?P<sep>\s*:\s*)(?P<vq>['"])(?P<value>[^'"]*)(?P=vq)""")
@@ -72,8 +73,10 @@ _YAML = re.compile(r"^(?P<head>\s*-?\s*(?P<key>[\w.\-]+):[ \t]+)(?P<value>\S.*?)
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` with the values of secret keys hidden, and every string of `secrets` (known secret values) too."""
-    for value in sorted({v for v in secrets if v}, key=len, reverse=True):
+    """`text` with the values of secret keys hidden, and every string of `secrets` (known secret values) too
+    (values shorter than MIN_SCRUBBED_CHARS only where a secret key names them: replacing a bare `1` everywhere
+    would garble the file)."""
+    for value in sorted({v for v in secrets if v and len(v) >= MIN_SCRUBBED_CHARS}, key=len, reverse=True):
         text = text.replace(value, REDACTED)
     text = _ASSIGNED.sub(lambda m: f"{m['key']}={REDACTED}" if is_secret_key(m["key"].lstrip("+~"))
                          else m.group(0), text)

@@ -115,3 +115,8 @@ def test_run_and_sweep_never_write_the_token(tmp_path):
     assert (sweep / "1" / "iter_1" / "manifest.json").exists()
     assert _files_holding(sweep, SECRET) == []
     assert f"+engine.extra.hf_token={REDACTED}" in (sweep / "sweep_summary.csv").read_text()
+
+
+def test_short_values_are_hidden_only_where_a_secret_key_names_them():
+    out = redact_text("x.token: 1\nmax_tokens: 1\nseed=1", {"1"})
+    assert out == f"x.token: {REDACTED}\nmax_tokens: 1\nseed=1"

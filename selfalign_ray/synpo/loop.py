@@ -123,6 +123,8 @@ class SynpoRun:
             "improver_sft": {k: v for k, v in asdict(self.improver_sft_cfg).items() if k != "enabled"},
             "simpo": {k: v for k, v in asdict(self.simpo_cfg).items() if k != "enabled"},
             "seed_split": self.split.to_json(), "corpus": self.corpus.stats()["paragraphs"],
+            # Another hub revision is another model (only when pinned, so that older run.json files still match).
+            **({"model_revision": self.engine.load.revision} if self.engine.load.revision else {}),
         })
 
     # ------------------------------------------------------------------------------------------ steps
@@ -184,7 +186,8 @@ class SynpoRun:
         log.info("iteration %d: %d keyword lists -> prompts -> pairs (pools: generator, policy, improver, initial)",
                  k, len(lists))
         manifest = generate_pairs(sc, k, models, iter_dir, lists, earlier_prompt_ids(self.out, k), self.engine,
-                                  self.seed, {"corpus": self.corpus.stats(), "seed_input_errors": self.seed_report.to_json()})
+                                  self.seed, {"corpus": self.corpus.stats(), "seed_input_errors": self.seed_report.to_json(),
+                                              "model_load": self.engine.model_load})
         added = add_pairs(iter_dir, manifest, sc.pairs_per_iteration, self.seed, k)
         files, cumulative = cumulative_files(self.out, k)
         manifest.update(improver={k_: improver[k_] for k_ in ("model_dir", "data", "summary", "wall_s")},
