@@ -20,6 +20,7 @@ from selfalign_ray.cluster import init_ray
 from selfalign_ray.config import positive, to_dict
 from selfalign_ray.data.runlock import RunLock, note_ray_job
 from selfalign_ray.data.shards import atomic_write_json
+from selfalign_ray.models.loading import ModelLoadConfig
 from selfalign_ray.models.resolve import resolve_model_path
 from selfalign_ray.preflight import check_run as preflight
 from selfalign_ray.steps import files_identity, model_identity, run_step, train_settings
@@ -46,6 +47,7 @@ def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_di
         objective="simpo",
         run_name=f"{cfg.mode.name}-iter{iteration}",
         keep_checkpoints=True,
+        model_load=ModelLoadConfig.from_model_node(cfg.model).to_json(),
     )
     # The checkpoints stay until train.json records the result (_recorded): a crash between costs no retrain.
     result = {"model_dir": str(result.model_dir), "summary": result.summary, "history": result.history,
@@ -95,7 +97,8 @@ def _run_sao(cfg) -> dict:
         from selfalign_ray.train.deepspeed_config import deepspeed_config
 
         deepspeed_config(to_dict(cfg.deepspeed), as_train_config(cfg.train))
-    base_model = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
+    base_model = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype,
+                                    allow_pickle_weights=bool(cfg.model.get("allow_pickle_weights", False)))
     init_ray(cfg.cluster)
     note_ray_job()  # the output dir's lock records the Ray job id (data/runlock.py)
     # What every stage asks for against what the cluster has or can scale to: refused now, not waited on forever.

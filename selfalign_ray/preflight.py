@@ -292,7 +292,8 @@ def check_run(cfg, capacity: Capacity | None = None) -> list[Ask]:
         log.warning("pre-flight: %s", warning)
     engine = typed(EngineConfig, cfg.engine, "engine")
     memory = gpu_memory_bytes(cfg.cluster) if engine.num_gpus_per_actor > 0 else None
-    base = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
+    base = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype,
+                              allow_pickle_weights=bool(cfg.model.get("allow_pickle_weights", False)))
     models = [base]
     if cfg.mode.name == "synpo":
         judge = to_dict(cfg.mode).get("filter", {}).get("judge_model")

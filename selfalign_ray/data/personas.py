@@ -16,6 +16,7 @@ from selfalign_ray.data.inputs import (
     RecordError,
     handle_error,
     iter_records,
+    line_cap,
     require_text,
 )
 
@@ -46,7 +47,8 @@ class PersonaConfig:
 
 def _from_file(path: Path, cfg: PersonaConfig, report: ReadReport) -> list[Persona]:
     out: list[Persona] = []
-    for lineno, record in iter_records(path, cfg.field):
+    columns = [cfg.field] + ([cfg.id_field] if cfg.id_field else [])
+    for lineno, record in iter_records(path, cfg.field, columns=columns, max_line_bytes=line_cap(cfg.max_chars)):
         if isinstance(record, RecordError):
             handle_error(record, report, cfg.on_error)
             continue
@@ -60,14 +62,26 @@ def _from_file(path: Path, cfg: PersonaConfig, report: ReadReport) -> list[Perso
     return out
 
 
-def _from_hub(cfg: PersonaConfig) -> list[Persona]:
+def _from_hub(cfg: PersonaConfig, report: ReadReport) -> list[Persona]:
     import datasets
 
     ds = datasets.load_dataset(cfg.hf_dataset, cfg.hf_subset, split=cfg.hf_split)
     if cfg.field not in ds.column_names:
         raise InputFileError(f"{cfg.hf_dataset}: no column {cfg.field!r} (columns: {ds.column_names})")
-    return [Persona(id=f"{cfg.hf_dataset}:{i}", text=t.strip(), origin=f"{cfg.hf_dataset}:{i}")
-            for i, t in enumerate(ds[cfg.field]) if isinstance(t, str) and t.strip()]
+    return _hub_rows(cfg.hf_dataset, ds.select_columns([cfg.field]), cfg, report)
+
+
+def _hub_rows(name: str, rows, cfg: PersonaConfig, report: ReadReport) -> list[Persona]:
+    """Personas of hub rows (dicts holding cfg.field), row i named "dataset:i"; the same checks as file records
+    (max_chars included)."""
+    out = []
+    for i, record in enumerate(rows):
+        text = require_text(record, cfg.field, Path(name), i, cfg.max_chars)
+        if isinstance(text, RecordError):
+            handle_error(text, report, cfg.on_error)
+            continue
+        out.append(Persona(id=f"{name}:{i}", text=text, origin=f"{name}:{i}"))
+    return out
 
 
 def load_personas(cfg: PersonaConfig) -> tuple[list[Persona], ReadReport]:
@@ -75,22 +89,30 @@ def load_personas(cfg: PersonaConfig) -> tuple[list[Persona], ReadReport]:
         raise ValueError(f"personas.on_error={cfg.on_error!r} must be 'skip' or 'raise'")
     report = ReadReport()
     if cfg.hf_dataset:
-        items = _from_hub(cfg)
+        items = _from_hub(cfg, report)
         origin = cfg.hf_dataset
     else:
         path = Path(cfg.path).expanduser() if cfg.path else BUILTIN_PERSONAS
         items = _from_file(path, cfg, report)
         origin = str(path)
     first_seen: dict[str, Persona] = {}
+    ids: dict[str, Persona] = {}
     unique = []
     for p in items:
         key = " ".join(p.text.lower().split())
+        file, _, line = p.origin.rpartition(":")
+        where = (file or origin, int(line) if line.isdigit() else 0)
         if key in first_seen:
-            file, _, line = p.origin.rpartition(":")
-            handle_error(RecordError(file or origin, int(line) if line.isdigit() else 0, "duplicate",
-                                     f"persona {p.id} repeats {first_seen[key].origin}"), report, cfg.on_error)
+            handle_error(RecordError(*where, "duplicate", f"persona {p.id} repeats {first_seen[key].origin}"),
+                         report, cfg.on_error)
+            continue
+        if p.id in ids:
+            # Two personas under one id would share their sampling seeds (seeded per id) and their rows' ids.
+            handle_error(RecordError(*where, "duplicate_id", f"id {p.id!r} is already used by {ids[p.id].origin}"),
+                         report, cfg.on_error)
             continue
         first_seen[key] = p
+        ids[p.id] = p
         unique.append(p)
     if not unique:
         raise InputFileError(f"{origin}: no usable personas ({report.to_json()['by_reason'] or 'file is empty'})")

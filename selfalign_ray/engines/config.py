@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from selfalign_ray.models.loading import ModelLoadConfig
+
 
 @dataclass
 class EngineConfig:
@@ -32,6 +34,11 @@ class EngineConfig:
     # OMP_NUM_THREADS=1, which would leave cores idle while the driver just waits.
     torch_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # How weights and code may load (models/loading.py): filled from the `model` node by `engine_config`, never
+    # set under `engine` (a plain dict so that the config crosses to the actors as is).
+    model_load: dict[str, Any] = field(default_factory=dict)
+    # Fields that no conf/engine yaml holds (tests/test_configs.py).
+    NOT_IN_YAML = ("model_load",)
 
     def __post_init__(self):
         # Checked where the config is built (the driver), not after an actor has loaded a model.
@@ -44,3 +51,32 @@ class EngineConfig:
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
             raise ConfigError(f"engine.num_cpus_per_actor ({self.num_cpus_per_actor}) and engine.num_gpus_per_actor "
                               f"({self.num_gpus_per_actor}) must be >= 0")
+        # Load policy belongs to the model, in one place, for every engine and the trainer alike.
+        for key, instead in _MODEL_LOAD_KEYS.items():
+            if key in (self.extra or {}):
+                raise ConfigError(f"engine.extra.{key} is not passed to the engine; set {instead} instead "
+                                  "(it applies to the hf and vLLM engines and to training)")
+        self.load  # noqa: B018 - validates model_load here, on the driver
+
+    @property
+    def load(self) -> ModelLoadConfig:
+        return ModelLoadConfig.from_dict(self.model_load)
+
+
+# engine.extra keys that would bypass the model's load policy, and the setting to use instead.
+_MODEL_LOAD_KEYS = {"trust_remote_code": "model.trust_remote_code", "revision": "model.revision",
+                    "tokenizer_revision": "model.revision", "code_revision": "model.revision",
+                    "load_format": "model.allow_pickle_weights", "use_safetensors": "model.allow_pickle_weights"}
+
+
+def engine_config(cfg, engine_node=None) -> EngineConfig:
+    """The run's EngineConfig: the `engine` node (or `engine_node`) plus the `model` node's load options."""
+    from selfalign_ray.config import ConfigError, typed
+
+    node = cfg.engine if engine_node is None else engine_node
+    if "model_load" in node:
+        raise ConfigError("engine.model_load is filled from the model node; set model.trust_remote_code, "
+                          "model.allow_pickle_weights or model.revision instead")
+    engine = typed(EngineConfig, node, "engine")
+    engine.model_load = ModelLoadConfig.from_model_node(cfg.get("model")).to_json()
+    return engine

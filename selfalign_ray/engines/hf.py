@@ -28,6 +28,7 @@ from selfalign_ray.engines.templating import (
     too_long_error,
 )
 from selfalign_ray.models.attention import resolve_attention
+from selfalign_ray.models.loading import load_causal_lm, load_tokenizer
 
 
 class _PerRowSampler:
@@ -87,8 +88,6 @@ class _StopOnGeneratedText:
 
 class HFEngine:
     def __init__(self, model_path: str, cfg: EngineConfig):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.model_path = model_path
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
@@ -99,7 +98,12 @@ class HFEngine:
         dtype = cfg.dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # Safetensors only, remote code only on model.trust_remote_code, the pinned revision (models/loading.py).
+        load = cfg.load
+        # A hub token given as engine.extra.hf_token reaches the hub calls (vLLM takes the same key itself); the
+        # HF_TOKEN environment variable is the better place for it (README "Secrets"). Never written to a file.
+        auth = {"token": cfg.extra["hf_token"]} if (cfg.extra or {}).get("hf_token") else {}
+        self.tokenizer = load_tokenizer(model_path, load, **auth)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # Soft-capped models (Gemma-2) never run SDPA; auto = flash-attention 2 on GPU when installed
@@ -108,8 +112,8 @@ class HFEngine:
         self.attention = resolve_attention(model_path, (cfg.extra or {}).get("attn_implementation", "auto"),
                                            use_gpu=self.device.type == "cuda",
                                            where="engine.extra.attn_implementation")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
-                                                          attn_implementation=self.attention.implementation)
+        self.model = load_causal_lm(model_path, load, **auth, dtype=getattr(torch, dtype),
+                                    attn_implementation=self.attention.implementation)
         self.model.to(self.device).eval()
         self.eos_ids = self._eos_ids()
 

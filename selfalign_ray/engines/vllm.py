@@ -110,6 +110,11 @@ class VLLMEngine:
             if cfg.tensor_parallel_size > 1:
                 kwargs["distributed_executor_backend"] = "ray"
         kwargs.update(cfg.extra or {})
+        # After extra: the load policy is the model's (engine.extra cannot hold these keys; engines/config.py).
+        from selfalign_ray.models.loading import check_weights
+
+        check_weights(model_path, cfg.load)
+        kwargs.update(cfg.load.vllm_kwargs(model_path))
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 

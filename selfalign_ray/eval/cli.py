@@ -19,8 +19,7 @@ from selfalign_ray.cli import CONF_DIR
 
 def run_eval(cfg: DictConfig) -> dict:
     from selfalign_ray.cluster import init_ray
-    from selfalign_ray.config import typed
-    from selfalign_ray.engines.config import EngineConfig
+    from selfalign_ray.engines.config import engine_config
     from selfalign_ray.eval.data import resolve_model
     from selfalign_ray.eval.run import EvalSettings, evaluate
 
@@ -30,7 +29,7 @@ def run_eval(cfg: DictConfig) -> dict:
     judge = resolve_model(settings.judge.model)[0] if settings.judge.model else None
     init_ray(cfg.cluster)
     return evaluate(model_a=model_a, name_a=cfg.name_a or name_a, model_b=model_b, name_b=cfg.name_b or name_b,
-                    judge=judge, settings=settings, engine=typed(EngineConfig, cfg.engine, "engine"),
+                    judge=judge, settings=settings, engine=engine_config(cfg),
                     out_dir=cfg.output_dir, seed=cfg.seed)
 
 

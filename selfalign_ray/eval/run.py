@@ -22,7 +22,7 @@ import pandas as pd
 
 from selfalign_ray.data.shards import atomic_write_json
 from selfalign_ray.engines.base import SamplingSpec
-from selfalign_ray.engines.config import EngineConfig
+from selfalign_ray.engines.config import EngineConfig, engine_config
 from selfalign_ray.eval.data import PromptsConfig, alpaca_outputs, load_prompts
 from selfalign_ray.eval.stages import AnswerStage, PairwiseJudgeStage
 from selfalign_ray.eval.winrate import win_rate
@@ -147,13 +147,13 @@ def evaluate_vs_base(cfg, iteration: int, model: str, base: str, iter_dir: Path,
     if model == base:
         log.info("iteration %d: evaluation against the base model skipped (no trained model)", iteration)
         return None
-    from selfalign_ray.config import to_dict, typed
+    from selfalign_ray.config import to_dict
     from selfalign_ray.eval.data import resolve_model
     from selfalign_ray.steps import eval_settings, model_identity, run_step
 
     settings = EvalSettings.from_cfg({k: v for k, v in node.items() if k != "enabled"})
     judge = resolve_model(settings.judge.model)[0] if settings.judge.model else base
-    engine = typed(EngineConfig, cfg.engine, "engine")
+    engine = engine_config(cfg)
     base_id = base_id or model_identity(base)
     models = {"a": model_id or model_identity(model), "b": base_id,
               "judge": base_id if judge == base else model_identity(judge)}

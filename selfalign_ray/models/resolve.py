@@ -37,11 +37,13 @@ def _check_model_dir(folder: Path, path: str) -> None:
                                  f"({', '.join(WEIGHT_PATTERNS)})")
 
 
-def resolve_model_path(source: str, path: str | None = None, dtype: str = "float32") -> str:
+def resolve_model_path(source: str, path: str | None = None, dtype: str = "float32",
+                       allow_pickle_weights: bool = False) -> str:
     """Return a local directory (or, for users with hub access, a hub id) for a model preset.
 
     source: `smollm2_gguf` (the embedded default), `tiny_random` (tests), or `hf` (`path` is a local
-    HF directory or a hub id).
+    HF directory or a hub id). A local directory with pickle weights only is refused unless
+    `allow_pickle_weights` (model.allow_pickle_weights; models/loading.py).
     """
     if path:
         expanded = Path(os.path.expanduser(path))
@@ -51,6 +53,9 @@ def resolve_model_path(source: str, path: str | None = None, dtype: str = "float
                     f"model.path={path} is a directory but not a Hugging Face model (no config.json)."
                 )
             _check_model_dir(expanded, path)
+            from selfalign_ray.models.loading import ModelLoadConfig, check_weights
+
+            check_weights(path, ModelLoadConfig(allow_pickle_weights=allow_pickle_weights))
             return str(expanded.resolve())
         if expanded.exists():
             raise ModelNotFoundError(f"model.path={path} is a file, not a Hugging Face model directory.")

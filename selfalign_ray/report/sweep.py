@@ -26,6 +26,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from selfalign_ray.redaction import redact_overrides, redact_text, secret_values
+
 log = logging.getLogger(__name__)
 
 JOB_RECORD = "sweep_job.json"
@@ -74,7 +76,9 @@ def run_job(cfg, task) -> dict:
     overrides = list(hc.overrides.task)
     if not any(_key(o) == "output_dir" for o in overrides):
         cfg.output_dir = str(job_dir)
-    record = {"job": int(hc.job.num), "overrides": " ".join(overrides), "status": "running",
+    # Secret overrides (`+engine.extra.hf_token=...`) never reach the job record, the summary or the log.
+    secrets = secret_values(overrides)
+    record = {"job": int(hc.job.num), "overrides": " ".join(redact_overrides(overrides)), "status": "running",
               "mode": cfg.mode.name, "dataset_size": cfg.dataset_size, "iterations": cfg.iterations,
               "output_dir": str(Path(str(cfg.output_dir)).expanduser().resolve())}
     started = time.time()
@@ -84,8 +88,8 @@ def run_job(cfg, task) -> dict:
         record["status"] = "ok"
     except Exception as err:  # noqa: BLE001 - any failure of one job must leave the others running
         log.error("job %d (%s) failed: %s: %s", record["job"], record["overrides"], type(err).__name__, err)
-        (job_dir / "error.txt").write_text(traceback.format_exc())
-        record.update(status="failed", error=f"{type(err).__name__}: {err}")
+        (job_dir / "error.txt").write_text(redact_text(traceback.format_exc(), secrets))
+        record.update(status="failed", error=redact_text(f"{type(err).__name__}: {err}", secrets))
     record["wall_s"] = round(time.time() - started, 1)
     _write_json(job_dir / JOB_RECORD, record)
     return record
@@ -242,8 +246,10 @@ class SweepSummary(Callback):
         else:  # the job raised past run_job (e.g. a task function without it): record it all the same
             error = getattr(job_return, "_return_value", None)
             cfg = job_return.cfg or {}
-            record = {"job": int(config.hydra.job.num), "overrides": " ".join(job_return.overrides or []),
-                      "status": "failed", "error": f"{type(error).__name__}: {error}",
+            overrides = list(job_return.overrides or [])
+            record = {"job": int(config.hydra.job.num), "overrides": " ".join(redact_overrides(overrides)),
+                      "status": "failed", "error": redact_text(f"{type(error).__name__}: {error}",
+                                                               secret_values(overrides)),
                       "mode": cfg.get("mode", {}).get("name"), "dataset_size": cfg.get("dataset_size"),
                       "iterations": cfg.get("iterations"), "output_dir": str(cfg.get("output_dir", job_dir))}
         _write_json(job_dir / ROW_FILE, job_row(record))

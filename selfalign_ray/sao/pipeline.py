@@ -11,7 +11,7 @@ import pandas as pd
 from selfalign_ray.config import ConfigError, positive, typed
 from selfalign_ray.data.personas import PersonaConfig, load_personas, sample_personas
 from selfalign_ray.data.shards import IterationStore
-from selfalign_ray.engines.config import EngineConfig
+from selfalign_ray.engines.config import engine_config
 from selfalign_ray.generation.assemble import PairAssembler
 from selfalign_ray.generation.pool import PoolSpec
 from selfalign_ray.generation.rows import TRUNCATION_DROP, check_truncation
@@ -30,7 +30,7 @@ def generate_sao(cfg, iteration: int, model_path: str, iter_dir: Path) -> dict:
     pool, read_report = load_personas(persona_cfg)
     sampled = sample_personas(pool, dataset_size, cfg.seed, iteration)
     judge_cfg = typed(JudgeConfig, cfg.judge, "judge")
-    engine_cfg = typed(EngineConfig, cfg.engine, "engine")
+    engine_cfg = engine_config(cfg)  # the engine node + the model's load policy (models/loading.py)
     instruct = typed(SamplingConfig, mode.instruct, "mode.instruct")
     respond = typed(SamplingConfig, mode.respond, "mode.respond")
     if respond.n < 2:
@@ -53,6 +53,8 @@ def generate_sao(cfg, iteration: int, model_path: str, iter_dir: Path) -> dict:
         "require_prefix": mode.require_prefix, "min_prompt_chars": mode.min_prompt_chars, "truncation": truncation,
         # The sampled personas themselves: an edited persona file under the same path must not mix two samples.
         "inputs_sha256": hashlib.sha256("\n".join(f"{p.id}\t{p.text}" for p in sampled).encode()).hexdigest(),
+        # Another hub revision is another model (only when pinned, so that older run.json files still match).
+        **({"model_revision": engine_cfg.load.revision} if engine_cfg.load.revision else {}),
     })
     inputs = assign_chunks(pd.DataFrame({
         "source_id": [p.id for p in sampled],
@@ -72,5 +74,7 @@ def generate_sao(cfg, iteration: int, model_path: str, iter_dir: Path) -> dict:
         "mode": "sao", "iteration": iteration, "model": model_path, "engine": engine_cfg.kind,
         "judge": judge_cfg.kind, "truncation": truncation, "seed": cfg.seed, "dataset_size": dataset_size,
         "persona_pool_size": len(pool), "input_errors": read_report.to_json(),
+        # How the weights were allowed to load, and the hub revision pinned (null: the default branch).
+        "model_load": engine_cfg.model_load,
     }
     return run_generation(store, inputs, pools, assembler, extra)

@@ -21,11 +21,14 @@ from selfalign_ray.data.inputs import (
     RecordError,
     handle_error,
     iter_records,
+    read_lines,
 )
 from selfalign_ray.engines.base import request_seed
 from selfalign_ray.synpo.keywords import extract_keywords, keyword_text, sample_keywords
 
 BUILTIN_CORPUS = Path(__file__).resolve().parent.parent / "builtin" / "corpus.txt"
+# A corpus line (a .txt line, or one JSONL document) may hold this many bytes; a longer one is skipped unread.
+CORPUS_LINE_BYTES = 8 << 20
 _BLANK_LINES = re.compile(r"\n\s*\n")
 
 
@@ -67,28 +70,41 @@ def _paragraphs(text: str, min_chars: int) -> list[str]:
     return [p.strip() for p in _BLANK_LINES.split(text) if len(p.strip()) >= min_chars]
 
 
-def _text_file(path: Path, report: ReadReport, on_error: str) -> list[tuple[str, str]]:
-    """(id, paragraph) of a UTF-8 text file; undecodable lines are reported and left out."""
+def _text_file(path: Path, report: ReadReport, on_error: str, limit: int | None = None) -> list[tuple[str, str]]:
+    """(id, paragraph) of a UTF-8 text file, the first `limit` paragraphs (max_documents); read line by line, each
+    line capped at CORPUS_LINE_BYTES; undecodable or over-long lines are reported and left out."""
     lines, para_start, out = [], 1, []
     if not path.exists():
         raise InputFileError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        raw_lines = f.read().split(b"\n")
-    for lineno, raw in enumerate(raw_lines + [b""], start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            handle_error(RecordError(str(path), lineno, "not_utf8", f"invalid UTF-8 byte at offset {err.start}"),
-                         report, on_error)
-            continue
-        if line.strip():
-            if not lines:
-                para_start = lineno
-            lines.append(line)
-        elif lines:
+
+    def close_paragraph():
+        nonlocal lines
+        if lines:
             out.append((f"{path.name}:{para_start}", "\n".join(lines)))
             lines = []
-    return out
+
+    with open(path, "rb") as f:
+        for lineno, raw in read_lines(f, CORPUS_LINE_BYTES):
+            if limit is not None and len(out) >= limit:
+                break
+            if raw is None:
+                handle_error(RecordError(str(path), lineno, "line_too_long",
+                                         f"line longer than {CORPUS_LINE_BYTES} bytes (skipped unread)"), report, on_error)
+                continue
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                handle_error(RecordError(str(path), lineno, "not_utf8", f"invalid UTF-8 byte at offset {err.start}"),
+                             report, on_error)
+                continue
+            if line.strip():
+                if not lines:
+                    para_start = lineno
+                lines.append(line)
+            else:
+                close_paragraph()
+        close_paragraph()
+    return out[:limit] if limit is not None else out
 
 
 def _documents(cfg: KeywordsConfig, report: ReadReport) -> list[tuple[str, str]]:
@@ -110,9 +126,9 @@ def _documents(cfg: KeywordsConfig, report: ReadReport) -> list[tuple[str, str]]
         return out
     path = Path(cfg.path).expanduser() if cfg.path else BUILTIN_CORPUS
     if path.suffix.lower() == ".txt":
-        return _text_file(path, report, cfg.on_error)
+        return _text_file(path, report, cfg.on_error, limit)
     out = []
-    for row, record in iter_records(path, cfg.field):
+    for row, record in iter_records(path, cfg.field, columns=[cfg.field], max_line_bytes=CORPUS_LINE_BYTES):
         if isinstance(record, RecordError):
             handle_error(record, report, cfg.on_error)
             continue

@@ -26,10 +26,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from selfalign_ray.config import positive, to_dict, typed
+from selfalign_ray.config import positive, to_dict
 from selfalign_ray.data.shards import ResumeMismatchError, atomic_write_json
-from selfalign_ray.engines.config import EngineConfig
+from selfalign_ray.engines.config import engine_config
 from selfalign_ray.models.resolve import resolve_model_path
+from selfalign_ray.redaction import redact
 from selfalign_ray.synpo.config import (
     SynpoConfig,
     sft_train_config,
@@ -58,7 +59,8 @@ log = logging.getLogger(__name__)
 
 def _bind(path: Path, settings: dict) -> None:
     """Record the settings of this output dir; refuse to resume it under different ones."""
-    settings = json.loads(json.dumps(settings, default=str))
+    # Secret values (a token under mode.*) are never written; compared redacted, so a new token still resumes.
+    settings = redact(json.loads(json.dumps(settings, default=str)))
     if path.exists():
         old = json.loads(path.read_text())
         if old != settings:
@@ -81,11 +83,13 @@ def _once(record: Path, what: str, settings: dict, work, trains: bool = False):
     return run_step(record, what, settings, work, after=drop_checkpoints if trains else None)
 
 
-def _sft(model: str, data_file: str, output_dir: Path, cfg: TrainConfig, deepspeed: dict, run_name: str) -> dict:
+def _sft(model: str, data_file: str, output_dir: Path, cfg: TrainConfig, deepspeed: dict, run_name: str,
+         model_load: dict | None = None) -> dict:
     from selfalign_ray.train import train_model
 
     result = train_model(model_path=model, train_files=[data_file], output_dir=str(output_dir), cfg=cfg,
-                         deepspeed_cfg=deepspeed, objective="sft", run_name=run_name, keep_checkpoints=True)
+                         deepspeed_cfg=deepspeed, objective="sft", run_name=run_name, keep_checkpoints=True,
+                         model_load=model_load)
     return {"model_dir": result.model_dir, "init_model": model, "train_files": [data_file], "summary": result.summary}
 
 
@@ -110,9 +114,10 @@ class SynpoRun:
         self.out = Path(cfg.output_dir).expanduser().resolve()
         self.work = self.out / "synpo"
         self.seed = cfg.seed
-        self.base = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
+        self.base = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype,
+                                       allow_pickle_weights=bool(cfg.model.get("allow_pickle_weights", False)))
         self.judge = resolve_model_path("hf", self.sc.filter.judge_model) if self.sc.filter.judge_model else self.base
-        self.engine = typed(EngineConfig, cfg.engine, "engine")
+        self.engine = engine_config(cfg)
         self.sft_cfg = sft_train_config(cfg.train, self.sc.sft)
         self.improver_sft_cfg = sft_train_config(cfg.train, {**self.sc.sft, **self.sc.improver_sft})
         self.simpo_cfg = simpo_train_config(cfg.train, self.sc.simpo)
@@ -142,6 +147,8 @@ class SynpoRun:
             "improver_sft": {k: v for k, v in asdict(self.improver_sft_cfg).items() if k != "enabled"},
             "simpo": {k: v for k, v in asdict(self.simpo_cfg).items() if k != "enabled"},
             "seed_split": self.split.to_json(), "corpus": self.corpus.stats()["paragraphs"],
+            # Another hub revision is another model (only when pinned, so that older run.json files still match).
+            **({"model_revision": self.engine.load.revision} if self.engine.load.revision else {}),
         }
         _bind(self.work / "run.json", settings)
         # The SFT data of the generator and improvers follow from these (seeds, split, keywords, mode).
@@ -156,7 +163,8 @@ class SynpoRun:
                 raise ValueError(f"only {len(rows)} training seeds give a keyword list ({dict(skipped)}); "
                                  "the generator needs at least 2 examples")
             data = write_sft(self.work / "generator_sft.parquet", rows)
-            trained = _sft(self.base, data, self.work / "generator", self.sft_cfg, self.deepspeed, "synpo-generator")
+            trained = _sft(self.base, data, self.work / "generator", self.sft_cfg, self.deepspeed, "synpo-generator",
+                           model_load=self.engine.model_load)
             return {**trained, "examples": len(rows), "skipped_seeds": dict(skipped)}
 
         settings = train_settings(self.sft_cfg, self.deepspeed, self.identity(self.base), self.run_fingerprint, "sft")
@@ -181,7 +189,7 @@ class SynpoRun:
                                    "the improver needs at least 2 (see mode.improve.min_gold_gap)")
             data = write_sft(iter_dir / "improver_sft.parquet", examples)
             trained = _sft(self.base, data, iter_dir / "improver", self.improver_sft_cfg, self.deepspeed,
-                           f"synpo-improver-iter{iteration}")
+                           f"synpo-improver-iter{iteration}", model_load=self.engine.model_load)
             return {**trained, "policy": policy, "data": stats}
 
         settings = {**train_settings(self.improver_sft_cfg, self.deepspeed, self.identity(self.base),
@@ -196,7 +204,8 @@ class SynpoRun:
 
             result = train_model(model_path=init_model, train_files=files, output_dir=str(iter_dir / "model"),
                                  cfg=self.simpo_cfg, deepspeed_cfg=self.deepspeed, objective="simpo",
-                                 run_name=f"synpo-iter{iteration}", keep_checkpoints=True)
+                                 run_name=f"synpo-iter{iteration}", keep_checkpoints=True,
+                                 model_load=self.engine.model_load)
             return {"model_dir": result.model_dir, "init_model": init_model, "train_files": files,
                     "summary": result.summary, "history": result.history}
 
@@ -216,7 +225,8 @@ class SynpoRun:
         log.info("iteration %d: %d keyword lists -> prompts -> pairs (pools: generator, policy, improver, initial)",
                  k, len(lists))
         manifest = generate_pairs(sc, k, models, iter_dir, lists, earlier_prompt_ids(self.out, k), self.engine,
-                                  self.seed, {"corpus": self.corpus.stats(), "seed_input_errors": self.seed_report.to_json()})
+                                  self.seed, {"corpus": self.corpus.stats(), "seed_input_errors": self.seed_report.to_json(),
+                                              "model_load": self.engine.model_load})
         added = add_pairs(iter_dir, manifest, sc.pairs_per_iteration, self.seed, k)
         files, cumulative = cumulative_files(self.out, k)
         manifest.update(improver={k_: improver[k_] for k_ in ("model_dir", "data", "summary", "wall_s")},

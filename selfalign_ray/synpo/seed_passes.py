@@ -41,6 +41,9 @@ def improver_training_data(seeds: list[Seed], policy: str, judge: str, sc: Synpo
         steps.append(("judge", judge, [PreferenceStage(sc.improve.min_gold_gap, "gold", "policy", name="gold_judge")]))
     out = run_rows(_seed_rows(seeds, iteration, "seed"), build_chain(steps, engine, sc.pool_resources))
     by_id = {s.id: s for s in seeds}
+    if len(by_id) != len(seeds):  # load_seeds drops duplicate ids; a caller that did not would pair wrong answers
+        dup = sorted({s.id for s in seeds if sum(t.id == s.id for t in seeds) > 1})
+        raise ValueError(f"seed ids must be unique; repeated: {dup[:5]}")
     kept = out[out["status"] == "ok"]
     examples = [improver_example(by_id[sid], answer) for sid, answer in zip(kept["source_id"], kept["policy_text"])]
     stats = {"seeds": len(seeds), "examples": len(examples),

@@ -23,6 +23,7 @@ from selfalign_ray.data.inputs import (
     RecordError,
     handle_error,
     iter_records,
+    line_cap,
     require_text,
 )
 
@@ -113,17 +114,22 @@ def _records(cfg: SeedConfig):
             yield cfg.hf_dataset, i, record
         return
     path = Path(cfg.path).expanduser() if cfg.path else BUILTIN_SEEDS
-    for row, record in iter_records(path, cfg.prompt_field):
+    fields = [cfg.messages_field] if cfg.messages_field else [cfg.prompt_field, cfg.response_field]
+    columns = fields + ([cfg.id_field] if cfg.id_field else [])
+    # A seed line holds a prompt and a response (or a chat) of up to max_chars each.
+    for row, record in iter_records(path, cfg.prompt_field, columns=columns, max_line_bytes=2 * line_cap(cfg.max_chars)):
         yield str(path), row, record
 
 
 def load_seeds(cfg: SeedConfig) -> tuple[list[Seed], ReadReport]:
-    """Every usable seed (duplicate prompts reported and dropped) and the report of skipped records."""
+    """Every usable seed (duplicate prompts and duplicate ids reported and dropped) and the report of skipped
+    records. Ids are unique: the improver pairs each seed's answer with its gold response by id."""
     if cfg.on_error not in ("skip", "raise"):
         raise ValueError(f"mode.seeds.on_error={cfg.on_error!r} must be 'skip' or 'raise'")
     report = ReadReport()
     seeds: list[Seed] = []
     first_seen: dict[str, Seed] = {}
+    ids: dict[str, Seed] = {}
     origin = cfg.hf_dataset or str(Path(cfg.path).expanduser() if cfg.path else BUILTIN_SEEDS)
     if not cfg.hf_dataset and Path(origin).suffix.lower() == ".txt":
         raise InputFileError(f"{origin}: seed data needs a prompt and a response per record; use .jsonl, .json or .parquet")
@@ -137,6 +143,12 @@ def load_seeds(cfg: SeedConfig) -> tuple[list[Seed], ReadReport]:
             handle_error(RecordError(where, row, "duplicate", f"prompt of seed {seed.id} repeats {first_seen[key].origin}"),
                          report, cfg.on_error)
             continue
+        if seed.id in ids:
+            # Kept, it would merge two records: the improver would train on this prompt with the other's gold answer.
+            handle_error(RecordError(where, row, "duplicate_id", f"seed id {seed.id!r} is already used by "
+                                     f"{ids[seed.id].origin}"), report, cfg.on_error)
+            continue
+        ids[seed.id] = seed
         first_seen[key] = seed
         seeds.append(seed)
     if not seeds:

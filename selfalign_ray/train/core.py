@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from selfalign_ray.models.loading import ModelLoadConfig, load_causal_lm, load_tokenizer
 from selfalign_ray.train.collectives import Collectives
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.objectives import MetricWindow, batch_counts, forward_sums, summarise
@@ -98,14 +99,17 @@ def make_adamw(params, lr: float, weight_decay: float):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def build_engine(model_path: str, cfg: TrainConfig, ds_cfg: dict, plan: StepPlan, model_config=None):
+def build_engine(model_path: str, cfg: TrainConfig, ds_cfg: dict, plan: StepPlan, model_config=None,
+                 load: ModelLoadConfig | None = None):
     """(tokenizer, engine, hf_ds). `model_config`: build that (random weights) instead of loading the weights
-    at `model_path` (the tokenizer still comes from `model_path`). Keep hf_ds referenced while the engine lives."""
+    at `model_path` (the tokenizer still comes from `model_path`). `load`: the weights/code policy
+    (models/loading.py; default safetensors only, no remote code). Keep hf_ds referenced while the engine lives."""
     import deepspeed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    load = load or ModelLoadConfig()
+    tokenizer = load_tokenizer(model_path, load)
     # While this object is alive, from_pretrained builds the model under deepspeed.zero.Init: every rank
     # loads its own partition (a collective call: all ranks must load together; the full model never sits
     # on one device).
@@ -117,7 +121,7 @@ def build_engine(model_path: str, cfg: TrainConfig, ds_cfg: dict, plan: StepPlan
         # (transformers' initialize_weights_zero3).
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+        model = load_causal_lm(model_path, load, dtype=dtype, attn_implementation=attn)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing is the variant that works with ZeRO-3's parameter hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from selfalign_ray.config import ConfigError, to_dict, typed
+from selfalign_ray.models.loading import ModelLoadConfig
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.deepspeed_config import deepspeed_config
 from selfalign_ray.train.objectives import OBJECTIVES
@@ -149,14 +150,16 @@ def _read_history(path: Path) -> list[dict]:
 
 def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg, deepspeed_cfg: dict,
                 objective: str = "simpo", eval_files: list[str] | None = None,
-                run_name: str = "train", keep_checkpoints: bool = False) -> TrainResult:
+                run_name: str = "train", keep_checkpoints: bool = False,
+                model_load: dict | None = None) -> TrainResult:
     """Train `model_path` on `train_files` (Parquet; TRL conversational preference rows for "simpo",
     prompt-completion rows for "sft") and save the result as an HF directory at `output_dir`.
 
     `eval_files` (same format) are evaluated before and after training (summary eval_before/eval_after),
     next to the training set itself (before/after). Ray must already be initialised.
     keep_checkpoints=True leaves D_ray for the caller to delete with remove_checkpoints(D) after it has
-    recorded the result.
+    recorded the result. `model_load`: how the weights may load
+    (models/loading.py ModelLoadConfig as a dict; default: safetensors only, no remote code).
     """
     import ray
     from ray.data import ExecutionOptions
@@ -212,6 +215,7 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
         train_loop_config={
             "cfg": asdict(cfg), "plan": asdict(plan), "deepspeed": ds_cfg, "model_path": model_path,
             "objective": objective, "output_dir": str(out), "has_eval": bool(eval_files),
+            "model_load": ModelLoadConfig.from_dict(model_load).to_json(),
             "crash_at": int(os.environ.get(CRASH_ENV, "0")),
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),

@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from selfalign_ray.models.loading import ModelLoadConfig
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.core import (  # noqa: F401  (_attn_implementation, make_adamw: imported from here)
     NonFiniteError,
@@ -161,7 +162,8 @@ def train_worker(config: dict) -> None:
     _refuse_after_nonfinite(out)
 
     configure_runtime(cfg)
-    tokenizer, engine, _hf_ds = build_engine(config["model_path"], cfg, config["deepspeed"], plan)
+    tokenizer, engine, _hf_ds = build_engine(config["model_path"], cfg, config["deepspeed"], plan,
+                                             load=ModelLoadConfig.from_dict(config.get("model_load")))
     core = TrainCore(engine, cfg, objective)
     partition = partition_stats(engine.module)
     restored = _restore(engine)
