@@ -33,6 +33,7 @@ from selfalign_ray.train.deepspeed_config import deepspeed_config
 from selfalign_ray.train.objectives import OBJECTIVES
 from selfalign_ray.train.order import global_order
 from selfalign_ray.train.schedule import StepPlan
+from selfalign_ray.train.step_stream import StepStream
 from selfalign_ray.train.worker import (
     CRASH_ENV,
     CRASH_MARKER,
@@ -140,12 +141,15 @@ def _read_history(path: Path) -> list[dict]:
 
 def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg, deepspeed_cfg: dict,
                 objective: str = "simpo", eval_files: list[str] | None = None,
-                run_name: str = "train") -> TrainResult:
+                run_name: str = "train", on_step=None) -> TrainResult:
     """Train `model_path` on `train_files` (Parquet; TRL conversational preference rows for "simpo",
     prompt-completion rows for "sft") and save the result as an HF directory at `output_dir`.
 
     `eval_files` (same format) are evaluated before and after training (summary eval_before/eval_after),
     next to the training set itself (before/after). Ray must already be initialised.
+
+    `on_step(metrics)` gets each optimizer step's metrics in the driver as training runs (train/step_stream.py);
+    None = the active tracker's (selfalign_ray/tracking/, tracker=none: no stream at all).
     """
     import ray
     from ray.data import ExecutionOptions
@@ -196,12 +200,18 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     log.info("training %s (%s) on %d rows: %d optimizer steps of %d, %d workers, %d micro-batches of %d per "
              "step per worker", model_path, objective, rows, plan.total_steps, cfg.global_batch_size,
              cfg.num_workers, plan.grad_accum, cfg.per_device_batch_size)
+    if on_step is None:
+        from selfalign_ray.tracking import active
+
+        on_step = active().step_callback(run_name)
+    stream = StepStream(on_step) if on_step is not None else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
             "cfg": asdict(cfg), "plan": asdict(plan), "deepspeed": ds_cfg, "model_path": model_path,
             "objective": objective, "output_dir": str(out), "has_eval": bool(eval_files),
             "crash_at": int(os.environ.get(CRASH_ENV, "0")),
+            "step_queue": stream.queue if stream is not None else None,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -228,6 +238,9 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
         if marker.exists():
             raise FloatingPointError(marker.read_text().strip()) from err
         raise
+    finally:
+        if stream is not None:  # the steps the live stream missed, from the history (a failed run's too)
+            stream.close(_read_history(out / HISTORY_FILE))
 
     summary = json.loads((out / SUMMARY_FILE).read_text())
     summary.update(wall_s=round(time.time() - started, 1), resumed_interrupted_run=resumed)
