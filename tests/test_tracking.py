@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from selfalign_ray.cli import compose
-from selfalign_ray.tracking import RunLog, TrackerError, tracking_run
+from selfalign_ray.tracking import RunLog, tracking_run
 from selfalign_ray.tracking.base import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
