@@ -71,6 +71,17 @@ def _recorded(trained: dict, iter_dir: Path) -> None:
 
 
 def run(cfg) -> dict:
+    """One run (SAO or SynPO) inside its tracker run (tracker=none|mlflow|wandb, selfalign_ray/tracking/). The
+    tracker starts before anything is written: one that cannot start is a user error (TrackerError)."""
+    from selfalign_ray.tracking import tracking_run
+
+    with tracking_run(cfg) as tracking:
+        report = _run(cfg)
+        tracking.finish(report["output_dir"])  # report.md, report/, summary.json as artifacts
+    return report
+
+
+def _run(cfg) -> dict:
     # Absolute output dir first (cluster=remote refuses a relative one: the job's working dir is temporary).
     from selfalign_ray.cluster import apply_output_dir
 
@@ -141,6 +152,10 @@ def _run_sao(cfg) -> dict:
         if vs_base:
             entry["eval_vs_base"] = vs_base
             add_to_manifest(iter_dir, "eval_vs_base", vs_base)
+        # The tracker (tracker=...): this iteration's metrics from its final manifest, and the manifest.
+        from selfalign_ray.tracking import active
+
+        active().iteration(k, iter_dir, {f"{cfg.mode.name}-iter{k}": iter_dir / "model"})
         report["iterations"].append(entry)
     report["wall_s"] = round(time.time() - started, 1)
     atomic_write_json(out / "summary.json", report)

@@ -10,7 +10,7 @@ from selfalign_ray.engines.factory import EngineConfig
 from selfalign_ray.sao.judge import JudgeConfig
 from selfalign_ray.train.config import TrainConfig
 
-GROUPS = ["mode", "model", "engine", "judge", "personas", "train", "deepspeed", "cluster"]
+GROUPS = ["mode", "model", "engine", "judge", "personas", "train", "deepspeed", "cluster", "tracker"]
 
 
 @pytest.mark.parametrize("group", GROUPS)

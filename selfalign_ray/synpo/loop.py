@@ -257,6 +257,11 @@ class SynpoRun:
             if vs_base:
                 manifest["eval_vs_base"] = entry["eval_vs_base"] = vs_base
         atomic_write_json(iter_dir / "manifest.json", manifest)
+        # The tracker (tracker=...): this iteration's metrics from its final manifest, and the manifest.
+        from selfalign_ray.tracking import active
+
+        active().iteration(k, iter_dir, {f"synpo-improver-iter{k}": iter_dir / "improver",
+                                         f"synpo-iter{k}": iter_dir / "model"})
         return entry, current
 
 
@@ -276,12 +281,16 @@ def run_synpo(cfg) -> dict:
     atomic_write_json(run.work / "seeds.json", {**run.split.to_json(), "input_errors": run.seed_report.to_json()})
     report = {"output_dir": str(run.out), "mode": "synpo", "base_model": run.base, "iterations": []}
     generator = run.generator()
+    from selfalign_ray.tracking import active
+
+    active().training("synpo-generator", run.work / "generator")  # its steps, if an earlier attempt trained it
     report["generator"] = {"model": generator["model_dir"], "examples": generator["examples"],
                            "train": generator["summary"]}
     # θ0 on the held-out slice: the reference every iteration's evaluation is read against.
     baseline = run.evaluate(run.base, run.work / "eval_base.json", 0) if run.sc.eval.baseline else None
     if baseline:
         report["eval_base"] = baseline
+        active().evaluation(0, baseline, "eval_heldout")
     current = run.base
     for k in range(1, iterations + 1):
         entry, current = run.iteration(k, current, generator["model_dir"])

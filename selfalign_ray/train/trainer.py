@@ -36,6 +36,7 @@ from selfalign_ray.train.deepspeed_config import deepspeed_config
 from selfalign_ray.train.objectives import OBJECTIVES
 from selfalign_ray.train.order import global_order
 from selfalign_ray.train.schedule import StepPlan
+from selfalign_ray.train.step_stream import StepStream
 from selfalign_ray.train.worker import (
     CRASH_ENV,
     CRASH_MARKER,
@@ -151,7 +152,7 @@ def _read_history(path: Path) -> list[dict]:
 def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg, deepspeed_cfg: dict,
                 objective: str = "simpo", eval_files: list[str] | None = None,
                 run_name: str = "train", keep_checkpoints: bool = False,
-                model_load: dict | None = None) -> TrainResult:
+                model_load: dict | None = None, on_step=None) -> TrainResult:
     """Train `model_path` on `train_files` (Parquet; TRL conversational preference rows for "simpo",
     prompt-completion rows for "sft") and save the result as an HF directory at `output_dir`.
 
@@ -160,6 +161,9 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     keep_checkpoints=True leaves D_ray for the caller to delete with remove_checkpoints(D) after it has
     recorded the result. `model_load`: how the weights may load
     (models/loading.py ModelLoadConfig as a dict; default: safetensors only, no remote code).
+
+    `on_step(metrics)` gets each optimizer step's metrics in the driver as training runs (train/step_stream.py);
+    None = the active tracker's (selfalign_ray/tracking/, tracker=none: no stream at all).
     """
     import ray
     from ray.data import ExecutionOptions
@@ -210,6 +214,11 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     log.info("training %s (%s) on %d rows: %d optimizer steps of %d, %d workers, %d micro-batches of %d per "
              "step per worker", model_path, objective, rows, plan.total_steps, cfg.global_batch_size,
              cfg.num_workers, plan.grad_accum, cfg.per_device_batch_size)
+    if on_step is None:
+        from selfalign_ray.tracking import active
+
+        on_step = active().step_callback(run_name)
+    stream = StepStream(on_step) if on_step is not None else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -217,6 +226,7 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
             "objective": objective, "output_dir": str(out), "has_eval": bool(eval_files),
             "model_load": ModelLoadConfig.from_dict(model_load).to_json(),
             "crash_at": int(os.environ.get(CRASH_ENV, "0")),
+            "step_queue": stream.queue if stream is not None else None,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -243,6 +253,9 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
         if marker.exists():
             raise FloatingPointError(marker.read_text().strip()) from err
         raise
+    finally:
+        if stream is not None:  # the steps the live stream missed, from the history (a failed run's too)
+            stream.close(_read_history(out / HISTORY_FILE))
 
     summary = json.loads((out / SUMMARY_FILE).read_text())
     summary.update(wall_s=round(time.time() - started, 1), resumed_interrupted_run=resumed)

@@ -43,6 +43,7 @@ from selfalign_ray.train.core import (  # noqa: F401  (_attn_implementation, mak
 )
 from selfalign_ray.train.metrics import TrainRecorder
 from selfalign_ray.train.schedule import StepPlan
+from selfalign_ray.train.step_stream import send_step
 
 HISTORY_FILE = "train_history.jsonl"
 SUMMARY_FILE = "train_summary.json"
@@ -179,6 +180,8 @@ def train_worker(config: dict) -> None:
 
     history = out / HISTORY_FILE
     recorder = TrainRecorder.for_worker(ctx, plan.total_steps, progress.step)  # rank 0: tqdm bar + Ray metrics
+    # The driver's tracker, if any (train/step_stream.py): rank 0 sends each step's metrics.
+    step_queue = config.get("step_queue") if rank == 0 else None
     for epoch in range(progress.epoch, cfg.epochs):
         skip = progress.micro_in_epoch if epoch == progress.epoch else 0
         seen, window_started = skip, time.time()
@@ -206,6 +209,7 @@ def train_worker(config: dict) -> None:
             if rank == 0:
                 with open(history, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
+                step_queue = send_step(step_queue, metrics)
             recorder.step(metrics)
             _maybe_crash_for_test(config["crash_at"], progress.step, rank, world, out)
             if progress.step % cfg.checkpoint_every_steps == 0 or progress.step == plan.total_steps:
