@@ -33,6 +33,15 @@ class EngineConfig:
     # hf only: torch intra-op threads on CPU (null = num_cpus_per_actor). Ray pins actors to
     # OMP_NUM_THREADS=1, which would leave cores idle while the driver just waits.
     torch_threads: int | None = None
+    # Bounded failure (Ray Data actor pool, generation/pool.py apply_pool). An actor that dies (host OOM, a
+    # segfaulting kernel, its node lost) is restarted at most max_restarts times over its life, and a batch it was
+    # running is retried at most max_task_retries times; past either the run fails naming the chunks it held
+    # (committed chunks are kept; a re-run resumes). Each restart reloads the model, so small numbers.
+    max_restarts: int = 3
+    max_task_retries: int = 3
+    # Watchdog: the run fails naming the stage when no chunk commits for this many seconds (model loading
+    # included: the first commit waits for every actor to load its model and finish a whole batch). 0 = off.
+    stall_timeout_s: float = 3600.0
     extra: dict[str, Any] = field(default_factory=dict)
     # How weights and code may load (models/loading.py): filled from the `model` node by `engine_config`, never
     # set under `engine` (a plain dict so that the config crosses to the actors as is).
@@ -48,6 +57,15 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"engine.{name} must be a positive integer, got {value!r}")
+        for name in ("max_restarts", "max_task_retries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"engine.{name} must be an integer >= 0 (bounded: a batch that keeps killing its "
+                                  f"actor must end the run), got {value!r}")
+        if isinstance(self.stall_timeout_s, bool) or not isinstance(self.stall_timeout_s, (int, float)) \
+                or not self.stall_timeout_s >= 0:
+            raise ConfigError(f"engine.stall_timeout_s must be a number of seconds >= 0 (0 = off), "
+                              f"got {self.stall_timeout_s!r}")
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
             raise ConfigError(f"engine.num_cpus_per_actor ({self.num_cpus_per_actor}) and engine.num_gpus_per_actor "
                               f"({self.num_gpus_per_actor}) must be >= 0")

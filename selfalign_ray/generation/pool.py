@@ -223,9 +223,11 @@ def apply_pool(ds, spec: PoolSpec, groups: PlacementGroups):
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=e.num_actors),
         num_cpus=e.num_cpus_per_actor,
-        # Each actor restarts after a crash and its batch is retried: rows are not lost.
-        max_restarts=-1,
-        max_task_retries=-1,
+        # An actor restarts after a crash (its node lost included) and its batches are retried: rows are not lost.
+        # Bounded (engine.max_restarts / max_task_retries): a batch that kills every actor it lands on fails the
+        # run once the bounds are spent instead of reloading the model forever (Ray Data's default is -1, -1).
+        max_restarts=e.max_restarts,
+        max_task_retries=e.max_task_retries,
     )
     if uses_placement_groups(e):
         kwargs["num_gpus"] = 0
@@ -258,8 +260,11 @@ class PoolStream:
     def __enter__(self) -> "PoolStream":
         return self
 
-    def batches(self, ds, pools: list[PoolSpec]) -> Iterator[pd.DataFrame]:
-        """`ds` through `pools`, as pandas batches in completion order."""
+    def batches(self, ds, pools: list[PoolSpec], stall_timeout_s: float | None = None,
+                describe=None) -> Iterator[pd.DataFrame]:
+        """`ds` through `pools`, as pandas batches in completion order. With `stall_timeout_s` the batches come
+        through a watchdog.WatchedIterator: iterating raises StallError naming this stream (and `describe()`)
+        when its `progress()` was not called for that long (the caller marks progress, e.g. a chunk commit)."""
         from selfalign_ray.cluster import free_gpus
 
         if self._free_before is None:
@@ -269,6 +274,12 @@ class PoolStream:
         if any(uses_placement_groups(p.engine) for p in pools):
             _without_memory_probe(ds.context)
         it = iter(ds.iter_batches(batch_size=None, batch_format="pandas"))
+        if stall_timeout_s:
+            from selfalign_ray.watchdog import WatchedIterator
+
+            names = ", ".join(f"{p.name}: {'/'.join(getattr(s, 'name', type(s).__name__) for s in p.stages)}"
+                              for p in pools)
+            it = WatchedIterator(it, stall_timeout_s, f"{self.what} (pool {names})", describe)
         self._iterators.append(it)
         return it
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 from selfalign_ray.data.shards import ChunkStats, IterationStore
 from selfalign_ray.generation.metrics import PairMetrics
 from selfalign_ray.generation.pool import ATTENTION_COLUMN, PoolSpec, PoolStream
+from selfalign_ray.watchdog import StallError, WatchedIterator
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,18 @@ def _run_generation(stream: PoolStream, store: IterationStore, inputs: pd.DataFr
         attention: set[str] = set()  # what the engines ran, as each actor reported it
         ready: dict[int, pd.DataFrame] = {}  # complete chunks waiting for an earlier chunk to commit first
         order = sorted(int(c) for c in set(pending["chunk_id"]))
-        for out in stream.batches(ds, pools):
+        # Watchdog: no chunk committed for engine.stall_timeout_s -> StallError naming the pools (pool.py).
+        stall_s = max(p.engine.stall_timeout_s for p in pools)
+        batches = stream.batches(ds, pools, stall_s, lambda: _waiting_on(order, markers, expected))
+        while True:
+            try:
+                out = next(batches)
+            except StopIteration:
+                break
+            except StallError:
+                raise
+            except Exception as err:  # the pool gave up on a batch: name its chunks, keep what is committed
+                raise PoolFailure(_failure_message(err, pools, order, markers, expected)) from err
             if ATTENTION_COLUMN in out:
                 attention.update(str(v) for v in out[ATTENTION_COLUMN].unique())
             for chunk_id, rows in out.groupby("chunk_id"):
@@ -83,6 +95,8 @@ def _run_generation(stream: PoolStream, store: IterationStore, inputs: pd.DataFr
                 chunk_id = order.pop(0)
                 pairs, rejects, stats = assemble(ready.pop(chunk_id), seen)
                 markers[chunk_id] = store.commit_chunk(chunk_id, pairs, rejects, stats)
+                if isinstance(batches, WatchedIterator):
+                    batches.progress()
                 outcomes.record(manifest_extra, pairs, rejects, stats)
                 store.write_manifest(markers, {**manifest_extra, "status": "partial"})
                 log.info("chunk %d committed: %d pairs, %d rejects", chunk_id, pairs.num_rows, rejects.num_rows)
@@ -103,6 +117,36 @@ def _run_generation(stream: PoolStream, store: IterationStore, inputs: pd.DataFr
         if "generation" in old:
             extra["generation"] = old["generation"]
     return store.write_manifest(markers, extra)
+
+
+class PoolFailure(RuntimeError):
+    """An engine pool gave up on a batch (its actor died more often than engine.max_restarts allows, its retries
+    were spent, or a stage raised); the message names the uncommitted chunks and the bounds."""
+
+
+def _ids(chunks: list[int], limit: int = 10) -> str:
+    shown = ", ".join(str(c) for c in chunks[:limit])
+    return shown + (f", ... ({len(chunks)} in all)" if len(chunks) > limit else "")
+
+
+def _waiting_on(order: list[int], markers: dict, expected: dict) -> str:
+    return f"{len(markers)} of {len(expected)} chunks committed; waiting on chunk(s) {_ids(order)}"
+
+
+def _failure_message(err: BaseException, pools: list[PoolSpec], order: list[int], markers: dict,
+                     expected: dict) -> str:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    if isinstance(err, (RayActorError, ActorDiedError, ActorUnavailableError)):
+        bounds = "; ".join(f"pool {p.name}: engine.max_restarts={p.engine.max_restarts}, "
+                           f"engine.max_task_retries={p.engine.max_task_retries}" for p in pools)
+        why = (f"an engine actor died more often than its bounds allow ({bounds}): a batch of these chunks kills "
+               f"every actor it runs on (host OOM, a crashing kernel), or nodes were lost")
+    else:
+        first = str(err).strip().splitlines()
+        why = f"{type(err).__name__}: {first[0] if first else ''}"
+    return (f"generation failed on chunk(s) {_ids(order)} (not committed; {why}); the {len(markers)} of "
+            f"{len(expected)} chunks already committed are kept and re-running the same command resumes from them")
 
 
 def _throughput(store: IterationStore, fresh: dict[int, dict], wall: float) -> dict:

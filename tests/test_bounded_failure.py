@@ -1,0 +1,127 @@
+"""Bounded failure on a local Ray cluster: a batch that kills every actor it runs on ends the run naming its chunk
+(committed chunks kept, a re-run resumes with every input exactly once), and a stage that stops making progress is
+ended by the watchdog, naming the stage. The faults are stages swapped in by the test (monkeypatched into the SAO
+pipeline on the driver; Ray pickles the test's local classes by value into the actors).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from selfalign_ray.cli import compose
+from selfalign_ray.data.shards import IterationStore
+
+pytestmark = [pytest.mark.slow]
+
+PERSONAS = [
+    "A night-shift ICU nurse studying for a pharmacology exam who wants ways to memorise drug interactions.",
+    "A retired carpenter in rural Ohio building a cedar greenhouse for his tomato seedlings.",
+    "A second-year computer science student debugging a Python web scraper that keeps timing out.",
+    "A small bakery owner in Lisbon planning a social media campaign for a new pastry.",
+    "A high-school chemistry teacher preparing a lab on reaction rates for fifteen-year-olds.",
+    "A freelance translator who wants to set up a simple invoicing spreadsheet.",
+    "A marathon runner recovering from a knee injury looking for a safe cross-training plan.",
+    "A data analyst at a logistics firm who needs to explain forecast errors to managers.",
+]
+# 8 personas in 4 chunks of 2; one engine batch = one chunk.
+BASE = ["model=tiny_random", "dataset_size=8", "mode.shard_size=2", "mode.respond.max_tokens=8",
+        "mode.instruct.max_tokens=12", "engine.batch_size=2", "train.enabled=false"]
+CHUNKS = 4
+
+
+@pytest.fixture(scope="module")
+def personas(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("inputs") / "personas.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "persona": t}) + "\n" for i, t in enumerate(PERSONAS)))
+    return path
+
+
+def every_input_once(iter_dir: Path) -> None:
+    """The finished iteration holds each of the 8 inputs exactly once, as a pair or as a reject."""
+    manifest = json.loads((iter_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["chunks"] == CHUNKS
+    sources = [r for s in manifest["shards"] for r in pq.read_table(s["file"], columns=["source"]).column(0).to_pylist()]
+    sources += [r for s in manifest["rejects"] for r in pq.read_table(s["file"], columns=["source"]).column(0).to_pylist()]
+    assert sorted(sources) == sorted(PERSONAS)
+
+
+@pytest.mark.timeout(600)
+def test_batch_that_kills_its_actor_fails_the_run_naming_the_chunk_and_a_rerun_resumes(
+        tmp_path, personas, ray_local, monkeypatch, caplog):
+    import selfalign_ray.sao.pipeline as pipeline
+    from selfalign_ray.generation.runner import PoolFailure
+    from selfalign_ray.loop import run
+
+    poison = 2  # rows 4 and 5
+
+    class KillingInstruct(pipeline.InstructStage):
+        """Dies like a host OOM kill each time it meets the poisoned chunk."""
+
+        def __call__(self, df, engine):
+            if (df["chunk_id"] == poison).any():
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().__call__(df, engine)
+
+    out = tmp_path / "run"
+    args = [*BASE, f"personas.path={personas}", f"output_dir={out}", "engine.max_restarts=1",
+            "engine.max_task_retries=1"]
+    monkeypatch.setattr(pipeline, "InstructStage", KillingInstruct)
+    started = time.time()
+    with pytest.raises(PoolFailure) as failure:
+        run(compose(args))
+    message = str(failure.value)
+    assert "\n" not in message
+    named = message.split("generation failed on chunk(s) ")[1].split(" (")[0]
+    assert str(poison) in named.split(", "), message
+    assert "engine.max_restarts=1" in message and "engine.max_task_retries=1" in message
+    assert time.time() - started < 300  # bounded: not an endless reload loop
+    kept = IterationStore(out / "iter_1").committed()
+    assert poison not in kept
+    kept_files = {c: (out / "iter_1" / "chunks" / f"part-{c:05d}.json").read_bytes() for c in kept}
+
+    # The cause is gone (a fixed kernel, a bigger host): the same command resumes and keeps what was committed.
+    monkeypatch.setattr(pipeline, "InstructStage", KillingInstruct.__mro__[1])
+    caplog.set_level(logging.INFO)
+    run(compose(args))
+    if kept:
+        assert f"resuming: {len(kept)} of {CHUNKS} chunks already committed" in caplog.text
+    for c, data in kept_files.items():
+        assert (out / "iter_1" / "chunks" / f"part-{c:05d}.json").read_bytes() == data
+    every_input_once(out / "iter_1")
+
+
+@pytest.mark.timeout(600)
+def test_stalled_stage_is_stopped_by_the_watchdog_naming_the_stage(tmp_path, personas, ray_local, monkeypatch):
+    import selfalign_ray.sao.pipeline as pipeline
+    from selfalign_ray.loop import run
+    from selfalign_ray.watchdog import StallError
+
+    stalled = 1
+
+    class HangingRespond(pipeline.RespondStage):
+        """Hangs (a stuck collective, a wedged device) on one chunk, for longer than the watchdog waits."""
+
+        def __call__(self, df, engine):
+            if (df["chunk_id"] == stalled).any():
+                time.sleep(120)
+            return super().__call__(df, engine)
+
+    monkeypatch.setattr(pipeline, "RespondStage", HangingRespond)
+    out = tmp_path / "run"
+    started = time.time()
+    with pytest.raises(StallError) as stall:
+        run(compose([*BASE, f"personas.path={personas}", f"output_dir={out}", "engine.stall_timeout_s=20"]))
+    message = str(stall.value)
+    assert message.startswith("generation (pool sao: instruct/respond/judge): no progress for 20 s"), message
+    waiting = message.split("waiting on chunk(s) ")[1].split(";")[0]
+    assert str(stalled) in waiting.split(", "), message
+    assert time.time() - started < 110  # the stage would hang 120 s
+    assert stalled not in IterationStore(out / "iter_1").committed()
