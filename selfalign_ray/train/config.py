@@ -16,6 +16,7 @@ REMOVED_KEYS = {
 
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+BF16_SETTINGS = (True, False, "auto")
 
 
 @dataclass
@@ -61,8 +62,10 @@ class TrainConfig:
     # torch intra-op threads per worker on CPU (null: max(1, int(cpus_per_worker))).
     torch_threads: int | None = None
     use_gpu: bool = False
-    # bf16 weights and activations with fp32 master weights (GPU); false = fp32.
-    bf16: bool = False
+    # true | false | auto (train/precision.py). GPU: bf16 weights and activations with fp32 master weights
+    # (DeepSpeed bf16). CPU: bf16 autocast around the forward, fp32 weights. auto: bf16 on GPUs that support it,
+    # and on CPUs with native bf16 (avx512_bf16 / amx_bf16) where a probe measures it faster; else fp32.
+    bf16: bool | str = False
     # Recompute activations in the backward pass (less memory, ~30 % more compute).
     gradient_checkpointing: bool = False
     # flash_attention_2 | sdpa | eager | auto (flash-attn 2 when installed and use_gpu, else sdpa).
@@ -111,6 +114,8 @@ class TrainConfig:
                               f"{self.num_workers} = {per_step})")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"train.lr_scheduler={self.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
+        if self.bf16 not in BF16_SETTINGS or not isinstance(self.bf16, (bool, str)):
+            raise ConfigError(f"train.bf16 must be true, false or auto, got {self.bf16!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(f"train.attn_implementation={self.attn_implementation!r}: "
                               f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")

@@ -39,6 +39,7 @@ from selfalign_ray.models.loading import ModelLoadConfig, load_causal_lm, load_t
 from selfalign_ray.train.collectives import Collectives
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.objectives import MetricWindow, batch_counts, forward_sums, summarise
+from selfalign_ray.train.precision import Precision, agree, resolve_precision
 from selfalign_ray.train.schedule import StepPlan, lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class NonFiniteError(FloatingPointError):
     same values again (the Ray driver turns it into a final failure, see worker.NONFINITE_MARKER)."""
 
 
-def configure_runtime(cfg: TrainConfig) -> None:
+def configure_runtime(cfg: TrainConfig) -> Precision:
+    """Threads, seeds, the process group; returns the precision all ranks agreed on (train/precision.py)."""
     import deepspeed
     from transformers import set_seed
 
@@ -66,9 +68,35 @@ def configure_runtime(cfg: TrainConfig) -> None:
     # Ray Train already created the process group (gloo / nccl) and DeepSpeed adopts it; under torchrun
     # DeepSpeed creates it from MASTER_ADDR/RANK/WORLD_SIZE.
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    return agreed_precision(cfg)
+
+
+def agreed_precision(cfg: TrainConfig) -> Precision:
+    """resolve_precision on this rank; on CPU, bf16 only if every rank chose it (one all-reduce, gloo)."""
+    local = resolve_precision(cfg.bf16, cfg.use_gpu)
+    if cfg.use_gpu or not torch.distributed.is_initialized():
+        return local
+    flag = torch.tensor([0.0 if local.mode == "fp32" else 1.0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return agree(local, bool(flag.item()))
 
 
 def _attn_implementation(model_path: str, cfg: TrainConfig, model_config=None) -> str:
+    impl = _chosen_attention(model_path, cfg, model_config)
+    if impl == "sdpa" and cfg.padding_free and not cfg.use_gpu:
+        # Packed rows on CPU: per-sequence causal SDPA instead of one block-diagonal T x T mask
+        # (models/packed_sdpa.py; bench/RESULTS.md §3 measured the mask as the packed step's largest loss).
+        from transformers import AutoConfig
+
+        from selfalign_ray.models import packed_sdpa
+
+        if packed_sdpa.usable_for(model_config if model_config is not None else AutoConfig.from_pretrained(model_path)):
+            packed_sdpa.register()
+            return packed_sdpa.NAME
+    return impl
+
+
+def _chosen_attention(model_path: str, cfg: TrainConfig, model_config=None) -> str:
     """The attention kernel (selfalign_ray/models/attention.py: soft-capped models never run SDPA; auto on GPU
     without flash-attn warns loudly and turns packing off). `cfg` is this worker's own copy: a packing
     fallback lands in cfg.padding_free before the data iterator reads it. `model_config`: decide for that
@@ -100,21 +128,24 @@ def make_adamw(params, lr: float, weight_decay: float):
 
 
 def build_engine(model_path: str, cfg: TrainConfig, ds_cfg: dict, plan: StepPlan, model_config=None,
-                 load: ModelLoadConfig | None = None):
+                 load: ModelLoadConfig | None = None, precision: Precision | None = None):
     """(tokenizer, engine, hf_ds). `model_config`: build that (random weights) instead of loading the weights
     at `model_path` (the tokenizer still comes from `model_path`). `load`: the weights/code policy
-    (models/loading.py; default safetensors only, no remote code). Keep hf_ds referenced while the engine lives."""
+    (models/loading.py; default safetensors only, no remote code). Keep hf_ds referenced while the engine lives.
+    `precision`: configure_runtime's result (None: resolved here); it sets DeepSpeed's bf16 section."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     load = load or ModelLoadConfig()
     tokenizer = load_tokenizer(model_path, load)
+    precision = precision or agreed_precision(cfg)
+    ds_cfg = {**ds_cfg, "bf16": {**(ds_cfg.get("bf16") or {}), "enabled": precision.deepspeed_bf16}}
     # While this object is alive, from_pretrained builds the model under deepspeed.zero.Init: every rank
     # loads its own partition (a collective call: all ranks must load together; the full model never sits
     # on one device).
     hf_ds = HfDeepSpeedConfig(ds_cfg)
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    dtype = precision.weights_dtype
     attn = _attn_implementation(model_path, cfg, model_config)
     if model_config is not None:
         # Under hf_ds, from_config builds inside zero.Init and then initialises the partitioned weights itself
@@ -202,8 +233,12 @@ class StepResult:
 class TrainCore:
     """One DeepSpeed engine and the objective it trains; every rank calls the same methods in the same order."""
 
-    def __init__(self, engine, cfg: TrainConfig, objective: str, attn_implementation: str | None = None):
+    def __init__(self, engine, cfg: TrainConfig, objective: str, attn_implementation: str | None = None,
+                 precision: Precision | None = None):
         self.engine, self.cfg, self.objective = engine, cfg, objective
+        # The forward runs in precision.autocast() (CPU bf16); None = fp32, or bf16 weights when the engine has them.
+        self.precision = precision or Precision("bf16" if engine.bfloat16_enabled() else "fp32", "from the engine",
+                                                cfg.bf16)
         # What the model was built with (build_engine decided it once, models/attention.py).
         self.attn = attn_implementation or engine.module.config._attn_implementation
         self.coll = Collectives(engine.device)
@@ -243,7 +278,8 @@ class TrainCore:
             boundary = i == len(batches) - 1
             # We own the accumulation boundary so that a short last window still steps.
             engine.set_gradient_accumulation_boundary(boundary)
-            out = forward_sums(engine, batch, cfg, self.objective, self.attn, counts=counts[i])
+            with self.precision.autocast():
+                out = forward_sums(engine, batch, cfg, self.objective, self.attn, counts=counts[i])
             loss = out.loss_sum * main_scale
             if self.objective == "simpo" and cfg.sft_weight:
                 # The SimPO repo's optional SFT term: token mean of the chosen responses' NLL over the step.
@@ -277,7 +313,7 @@ class TrainCore:
         """No-grad pass, summed over all ranks (every rank must yield the same number of batches)."""
         self.engine.eval()
         window = MetricWindow(self.coll.device)
-        with torch.no_grad():
+        with torch.no_grad(), self.precision.autocast():
             for batch in batches:
                 window.add(forward_sums(self.engine, batch, self.cfg, self.objective, self.attn))
         self.engine.train()

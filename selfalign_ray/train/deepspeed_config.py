@@ -23,13 +23,21 @@ from selfalign_ray.train.config import TrainConfig
 log = logging.getLogger(__name__)
 
 
+def deepspeed_bf16(cfg: TrainConfig) -> bool | None:
+    """DeepSpeed's bf16 section (bf16 weights): GPU with train.bf16=true; never on CPU, where bf16 is autocast
+    around the forward (train/precision.py); None = auto on GPU, decided by each worker (build_engine)."""
+    if not cfg.use_gpu or cfg.bf16 is False:
+        return False
+    return True if cfg.bf16 is True else None
+
+
 def _filled_values(cfg: TrainConfig) -> dict[tuple[str, ...], object]:
     return {
         ("train_micro_batch_size_per_gpu",): cfg.per_device_batch_size,
         ("gradient_accumulation_steps",): cfg.grad_accum,
         ("train_batch_size",): cfg.global_batch_size,
         ("gradient_clipping",): cfg.max_grad_norm,
-        ("bf16", "enabled"): bool(cfg.bf16),
+        ("bf16", "enabled"): deepspeed_bf16(cfg),
     }
 
 
@@ -77,6 +85,8 @@ def deepspeed_config(base, cfg: TrainConfig, model_path: str | None = None) -> d
         for key in path[:-1]:
             node = node.setdefault(key, {})
         current = node.get(path[-1], "auto")
+        if value is None:  # decided on the worker
+            continue
         if current == "auto":
             node[path[-1]] = value
         elif current != value:
@@ -96,9 +106,9 @@ def deepspeed_config(base, cfg: TrainConfig, model_path: str | None = None) -> d
         log.warning("GPU training with a DeepSpeed config that accumulates gradients in the model dtype (no "
                     "data_types.grad_accum_dtype): use deepspeed=zero3_gpu (fp32 accumulation, overlapped "
                     "communication, buckets sized from the model)")
-    if accum == "bf16" and not cfg.bf16:
-        raise ConfigError("deepspeed.data_types.grad_accum_dtype=bf16 needs train.bf16=true (an fp32 model "
-                          "accumulates in fp32)")
+    if accum == "bf16" and deepspeed_bf16(cfg) is False:
+        raise ConfigError("deepspeed.data_types.grad_accum_dtype=bf16 needs bf16 weights (train.bf16=true "
+                          "or auto on GPU; an fp32 or CPU-autocast model accumulates in fp32)")
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError("deepspeed.fp16 is not supported: use train.bf16=true on GPUs, fp32 on CPUs")
     # The workers pass a torch AdamW as a client optimizer: nothing to compile (DeepSpeed's FusedAdam and

@@ -76,7 +76,9 @@ def model_inputs(batch: dict[str, torch.Tensor], device, attn_implementation: st
     for key in ("attention_mask", "position_ids"):
         if key in batch:
             inputs[key] = batch[key].to(device, non_blocking=True)
-    if attn_implementation == "flash_attention_2" and "position_ids" in batch and "attention_mask" not in batch:
+    # flash-attention 2 and models/packed_sdpa.py read the packed row's boundaries from these keywords.
+    if attn_implementation in ("flash_attention_2", "sdpa_packed") and "position_ids" in batch \
+            and "attention_mask" not in batch:
         inputs.update(flash_varlen_kwargs(batch["position_ids"], device))
     return inputs
 

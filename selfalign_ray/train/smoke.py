@@ -146,7 +146,7 @@ def main(argv=None) -> None:
     plan = StepPlan.build(args.steps * cfg.global_batch_size, cfg)
     ds_cfg = deepspeed_config(OmegaConf.load(CONF / "deepspeed" / f"{args.deepspeed}.yaml"), cfg)
 
-    configure_runtime(cfg)  # creates the process group from torchrun's env (gloo / nccl)
+    precision = configure_runtime(cfg)  # creates the process group from torchrun's env (gloo / nccl)
     model_config = None
     if args.llama_shape:
         from transformers import LlamaConfig
@@ -155,15 +155,16 @@ def main(argv=None) -> None:
         model_config = LlamaConfig(**LLAMA_SHAPES[args.llama_shape], max_position_embeddings=max(4096, args.seq_len))
     else:
         model_path = resolve_model(args.model)
-    tokenizer, engine, _hf_ds = build_engine(model_path, cfg, ds_cfg, plan, model_config=model_config)
-    core = TrainCore(engine, cfg, "simpo")
+    tokenizer, engine, _hf_ds = build_engine(model_path, cfg, ds_cfg, plan, model_config=model_config,
+                                             precision=precision)
+    core = TrainCore(engine, cfg, "simpo", precision=precision)
     params = partition_stats(engine.module)["total"]
     vocab = engine.module.config.vocab_size
     device_name = torch.cuda.get_device_name() if use_gpu else "cpu"
     if rank == 0:
         print(f"smoke: {world} rank(s), {core.coll.device} ({device_name}), backend "
               f"{torch.distributed.get_backend()}, {params / 1e6:.1f}M parameters, attn {core.attn}, "
-              f"{'bf16' if args.bf16 else 'fp32'}, {args.grad_accum} x {args.pairs_per_micro} pairs per rank per step, "
+              f"{precision.mode}, {args.grad_accum} x {args.pairs_per_micro} pairs per rank per step, "
               f"seq-len {args.seq_len}", flush=True)
     if use_gpu:
         torch.cuda.reset_peak_memory_stats()

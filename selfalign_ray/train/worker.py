@@ -162,10 +162,11 @@ def train_worker(config: dict) -> None:
     started = time.time()
     _refuse_after_nonfinite(out)
 
-    configure_runtime(cfg)
+    precision = configure_runtime(cfg)
     tokenizer, engine, _hf_ds = build_engine(config["model_path"], cfg, config["deepspeed"], plan,
-                                             load=ModelLoadConfig.from_dict(config.get("model_load")))
-    core = TrainCore(engine, cfg, objective)
+                                             load=ModelLoadConfig.from_dict(config.get("model_load")),
+                                             precision=precision)
+    core = TrainCore(engine, cfg, objective, precision=precision)
     partition = partition_stats(engine.module)
     restored = _restore(engine)
     restored_from_step = restored.step if restored else None  # `progress` below advances this same object
@@ -240,6 +241,8 @@ def train_worker(config: dict) -> None:
             "zero3_partition_rank0": partition,
             # What the model really ran (models/attention.py) and whether micro-batches were packed.
             "attn_implementation": core.attn, "padding_free": cfg.padding_free,
+            # fp32 | bf16 | bf16_autocast, why (train.bf16 true/false/auto), the CPU model and its bf16 flags.
+            "precision": core.precision.to_dict(),
         }
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     ray.train.report({"step": progress.step, "done": 1})
