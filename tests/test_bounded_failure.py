@@ -71,8 +71,8 @@ def test_batch_that_kills_its_actor_fails_the_run_naming_the_chunk_and_a_rerun_r
             return super().__call__(df, engine)
 
     out = tmp_path / "run"
-    args = [*BASE, f"personas.path={personas}", f"output_dir={out}", "engine.max_restarts=1",
-            "engine.max_task_retries=1"]
+    # max_task_retries stays at its default -1 (retry while the actor lives): max_restarts alone ends the run.
+    args = [*BASE, f"personas.path={personas}", f"output_dir={out}", "engine.max_restarts=1"]
     monkeypatch.setattr(pipeline, "InstructStage", KillingInstruct)
     started = time.time()
     with pytest.raises(PoolFailure) as failure:
@@ -81,7 +81,7 @@ def test_batch_that_kills_its_actor_fails_the_run_naming_the_chunk_and_a_rerun_r
     assert "\n" not in message
     named = message.split("generation failed on chunk(s) ")[1].split(" (")[0]
     assert str(poison) in named.split(", "), message
-    assert "engine.max_restarts=1" in message and "engine.max_task_retries=1" in message
+    assert "engine.max_restarts=1" in message
     assert time.time() - started < 300  # bounded: not an endless reload loop
     kept = IterationStore(out / "iter_1").committed()
     assert poison not in kept
@@ -125,3 +125,31 @@ def test_stalled_stage_is_stopped_by_the_watchdog_naming_the_stage(tmp_path, per
     assert str(stalled) in waiting.split(", "), message
     assert time.time() - started < 110  # the stage would hang 120 s
     assert stalled not in IterationStore(out / "iter_1").committed()
+
+
+@pytest.mark.timeout(300)
+def test_training_that_records_no_step_is_stopped_by_the_watchdog_naming_the_run(tmp_path, ray_local,
+                                                                                 tiny_model_path, monkeypatch):
+    import pyarrow as pa
+
+    import selfalign_ray.train.trainer as trainer
+    from selfalign_ray.config import to_dict
+    from selfalign_ray.watchdog import StallError
+
+    def hung_worker(config):
+        """Every rank waits in a collective that never completes (a peer wedged, a lost rank)."""
+        time.sleep(90)
+
+    monkeypatch.setattr(trainer, "train_worker", hung_worker)
+    turn = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"prompt": [turn("user", "q1"), turn("user", "q2")],
+                             "chosen": [turn("assistant", "a"), turn("assistant", "b")],
+                             "rejected": [turn("assistant", "c"), turn("assistant", "d")]}), path)
+    cfg = compose(["model=tiny_random", "train.global_batch_size=2", "train.stall_timeout_s=15"])
+    started = time.time()
+    with pytest.raises(StallError, match=r"^training \(stall-test\): no progress for 15 s "
+                                         r"\(0 of 1 optimizer steps recorded\)"):
+        trainer.train_model(model_path=tiny_model_path, train_files=[str(path)], output_dir=str(tmp_path / "model"),
+                            cfg=cfg.train, deepspeed_cfg=to_dict(cfg.deepspeed), run_name="stall-test")
+    assert time.time() - started < 80  # the workers would hang 90 s

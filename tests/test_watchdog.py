@@ -72,3 +72,38 @@ def test_call_with_deadline_keeps_going_while_the_probe_changes_and_stops_when_i
     with pytest.raises(KeyError):
         call_with_deadline(lambda: {}["x"], lambda: 0, 5, "training")
     assert call_with_deadline(lambda: 7, lambda: 0, 0, "off") == 7
+
+
+@pytest.mark.parametrize("override, message", [
+    ("engine.max_restarts=-1", "engine.max_restarts must be an integer >= 0"),
+    ("engine.max_task_retries=1.5", "engine.max_task_retries must be an integer >= -1"),
+    ("engine.stall_timeout_s=-5", "engine.stall_timeout_s must be a number of seconds >= 0"),
+    ("train.stall_timeout_s=nan", "train.stall_timeout_s must be a number of seconds >= 0"),
+    ("train.collective_timeout_s=0", "train.collective_timeout_s must be a positive integer"),
+    ("train.placement_strategy=EVERYWHERE", "train.placement_strategy='EVERYWHERE': use one of PACK, SPREAD"),
+])
+def test_bad_bounds_are_refused_naming_the_setting(override, message):
+    from selfalign_ray.cli import compose
+    from selfalign_ray.config import ConfigError, typed
+    from selfalign_ray.engines.config import EngineConfig
+    from selfalign_ray.train.trainer import as_train_config
+
+    cfg = compose(["model=tiny_random", override])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        if override.startswith("engine."):
+            typed(EngineConfig, cfg.engine, "engine")
+        else:
+            as_train_config(cfg.train)
+
+
+def test_default_bounds_are_small_and_the_watchdogs_generous():
+    from selfalign_ray.cli import compose
+    from selfalign_ray.config import typed
+    from selfalign_ray.engines.config import EngineConfig
+    from selfalign_ray.train.trainer import as_train_config
+
+    for engine in ("hf", "vllm", "vllm_cpu"):
+        e = typed(EngineConfig, compose([f"engine={engine}"]).engine, "engine")
+        assert (e.max_restarts, e.max_task_retries) == (3, -1) and e.stall_timeout_s >= 3600
+    t = as_train_config(compose([]).train)
+    assert t.stall_timeout_s >= 3600 and t.collective_timeout_s >= 1800 and t.placement_strategy == "PACK"

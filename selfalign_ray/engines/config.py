@@ -34,11 +34,14 @@ class EngineConfig:
     # OMP_NUM_THREADS=1, which would leave cores idle while the driver just waits.
     torch_threads: int | None = None
     # Bounded failure (Ray Data actor pool, generation/pool.py apply_pool). An actor that dies (host OOM, a
-    # segfaulting kernel, its node lost) is restarted at most max_restarts times over its life, and a batch it was
-    # running is retried at most max_task_retries times; past either the run fails naming the chunks it held
-    # (committed chunks are kept; a re-run resumes). Each restart reloads the model, so small numbers.
+    # segfaulting kernel, its node lost) is restarted at most max_restarts times over its life (each restart reloads
+    # the model); once they are spent the actor is dead and the batches it held fail the run, naming their chunks
+    # (committed chunks are kept; a re-run resumes). A batch is retried on its restarted actor up to
+    # max_task_retries times; -1 = as long as the actor lives, which max_restarts bounds. A finite number is spent
+    # within a second when a node is lost before Ray has noticed (every retry meets a refused connection), so the
+    # run would fail instead of moving the actor to another node.
     max_restarts: int = 3
-    max_task_retries: int = 3
+    max_task_retries: int = -1
     # Watchdog: the run fails naming the stage when no chunk commits for this many seconds (model loading
     # included: the first commit waits for every actor to load its model and finish a whole batch). 0 = off.
     stall_timeout_s: float = 3600.0
@@ -57,11 +60,11 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"engine.{name} must be a positive integer, got {value!r}")
-        for name in ("max_restarts", "max_task_retries"):
+        for name, low in (("max_restarts", 0), ("max_task_retries", -1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"engine.{name} must be an integer >= 0 (bounded: a batch that keeps killing its "
-                                  f"actor must end the run), got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"engine.{name} must be an integer >= {low} (max_restarts bounds the failures: a "
+                                  f"batch that keeps killing its actor must end the run), got {value!r}")
         if isinstance(self.stall_timeout_s, bool) or not isinstance(self.stall_timeout_s, (int, float)) \
                 or not self.stall_timeout_s >= 0:
             raise ConfigError(f"engine.stall_timeout_s must be a number of seconds >= 0 (0 = off), "

@@ -17,6 +17,7 @@ REMOVED_KEYS = {
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 BF16_SETTINGS = (True, False, "auto")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 
 
 @dataclass
@@ -79,6 +80,16 @@ class TrainConfig:
     # Local directory where each worker stages a checkpoint before Ray Train copies it to storage (null = the
     # system temp dir). ZeRO-3 with fp32 Adam: ~16 bytes per parameter per node (9B -> ~144 GB).
     checkpoint_staging_dir: str | None = None
+    # Seconds a collective (all-reduce, all-gather, barrier) may wait for the other ranks before it raises
+    # (torch.distributed process-group timeout through Ray Train's TorchConfig): a rank that hangs or dies in a
+    # collective fails the worker group instead of hanging it; FailureConfig then restarts it (max_failures).
+    collective_timeout_s: int = 1800
+    # Watchdog on the driver: training fails, naming the run, when no optimizer step is recorded for this many
+    # seconds (model loading, evaluation before/after and the final save count too). 0 = off.
+    stall_timeout_s: float = 3600.0
+    # How Ray Train places the workers (ScalingConfig.placement_strategy): PACK fills a node first, SPREAD puts
+    # one worker per node where it can, STRICT_SPREAD insists on it.
+    placement_strategy: str = "PACK"
     # Measure preference accuracy / margin (SFT: loss) on the training data before and after training.
     eval_before_after: bool = True
     # Seeds model-independent randomness: torch, and the global permutation in which the rows are read
@@ -126,6 +137,17 @@ class TrainConfig:
         if self.beta <= 0 or self.learning_rate < 0 or self.cpus_per_worker <= 0 or self.max_failures < 0:
             raise ConfigError("train.beta and train.cpus_per_worker must be > 0, train.learning_rate and "
                               "train.max_failures >= 0")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"train.placement_strategy={self.placement_strategy!r}: use one of "
+                              f"{', '.join(PLACEMENT_STRATEGIES)}")
+        if isinstance(self.collective_timeout_s, bool) or not isinstance(self.collective_timeout_s, int) \
+                or self.collective_timeout_s <= 0:
+            raise ConfigError(f"train.collective_timeout_s must be a positive integer (seconds), "
+                              f"got {self.collective_timeout_s!r}")
+        if isinstance(self.stall_timeout_s, bool) or not isinstance(self.stall_timeout_s, (int, float)) \
+                or not self.stall_timeout_s >= 0:
+            raise ConfigError(f"train.stall_timeout_s must be a number of seconds >= 0 (0 = off), "
+                              f"got {self.stall_timeout_s!r}")
         if isinstance(self.logprob_chunk_tokens, bool) or not isinstance(self.logprob_chunk_tokens, int) \
                 or self.logprob_chunk_tokens < 0:
             raise ConfigError(f"train.logprob_chunk_tokens must be an integer >= 0 (0 = off), "

@@ -45,6 +45,7 @@ from selfalign_ray.train.worker import (
     SUMMARY_FILE,
     train_worker,
 )
+from selfalign_ray.watchdog import call_with_deadline
 
 log = logging.getLogger(__name__)
 
@@ -228,9 +229,11 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
             "crash_at": int(os.environ.get(CRASH_ENV, "0")),
             "step_queue": stream.queue if stream is not None else None,
         },
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        # timeout_s: the process group's collective timeout (a hung collective raises instead of hanging).
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo", timeout_s=cfg.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     placement_strategy=cfg.placement_strategy),
         datasets=datasets,
         # Deterministic order and split: a restarted worker skips exactly the micro-batches it had consumed.
         # equal split (DataConfig's default for every dataset): no rank waits on a batch that never comes;
@@ -246,7 +249,11 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     # A marker left by an earlier call is stale: this call trains again (resumed or fresh).
     (out / NONFINITE_MARKER).unlink(missing_ok=True)
     try:
-        trainer.fit()
+        # Watchdog: no new line in the step history for train.stall_timeout_s -> StallError naming the run.
+        history = out / HISTORY_FILE
+        call_with_deadline(trainer.fit, lambda: history.stat().st_size if history.exists() else -1,
+                           cfg.stall_timeout_s, f"training ({run_name})",
+                           lambda: f"{len(_read_history(history))} of {plan.total_steps} optimizer steps recorded")
     except Exception as err:
         # A non-finite loss/gradient is final (worker.NONFINITE_MARKER): its message, not Ray's wrapper.
         marker = out / NONFINITE_MARKER
