@@ -128,6 +128,13 @@ def test_vllm_engine_gets_the_policy(monkeypatch, tiny_model_path, pickle_model)
     VLLMEngine(HUB_ID, engine_config(node))
     assert (seen["load_format"], seen["trust_remote_code"], seen["revision"], seen["hf_token"]) == \
         ("safetensors", False, COMMIT, "hf_x")
+    # Every key is one the installed vLLM's LLM / EngineArgs takes (the stand-in above would take anything).
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    assert set(ModelLoadConfig(revision=COMMIT).vllm_kwargs(HUB_ID)) | {"hf_token"} <= \
+        {f.name for f in dataclasses.fields(EngineArgs)}
     seen.clear()
     VLLMEngine(tiny_model_path, engine_config(node))
     assert "revision" not in seen and seen["load_format"] == "safetensors"
