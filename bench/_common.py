@@ -29,6 +29,22 @@ def uptime(tag: str) -> str:
     return line
 
 
+def loadavg() -> str:
+    """/proc/loadavg as is (1, 5, 15-minute load, running/total tasks, last pid)."""
+    path = Path("/proc/loadavg")
+    return path.read_text().strip() if path.exists() else "n/a"
+
+
+def machine(threads: int | None = None) -> dict:
+    """What decides CPU speed ratios: the CPU model, its native bf16 flags (avx512_bf16, amx_bf16: without them
+    bf16 is emulated and slower than fp32), torch's CPU capability, core count and the torch threads used."""
+    from selfalign_ray.train.precision import cpu_info
+
+    info = cpu_info()
+    return {"cpu_model": info["model"], "bf16_flags": info["bf16_flags"], "cpu_capability": info["capability"],
+            "cpus": os.cpu_count(), "torch_threads": threads}
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 

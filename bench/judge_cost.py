@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleave, median, uptime, versions, write_json  # noqa: E402
+from _common import interleave, loadavg, machine, median, uptime, versions, write_json  # noqa: E402
 
 
 def make_pairs(engine, n: int, max_tokens: int, seed: int):
@@ -186,8 +186,10 @@ def main() -> None:
     gen_reasons = gen.loc[gen["status"] != "ok", "reason"].value_counts().to_dict()
     n = len(pairs)
     report = {
-        "versions": versions(), "uptime_start": start_load, "uptime_end": end_load, "args": vars(args),
-        "model": model_path, "threads": threads, "batch_size": engine_cfg.batch_size, "pairs": n,
+        "versions": versions(), "machine": machine(threads), "loadavg_end": loadavg(), "uptime_start": start_load,
+        "uptime_end": end_load, "args": vars(args), "model": model_path,
+        # Both judges share one engine, so one weights dtype (engine.dtype; auto = fp32 on CPU).
+        "engine_dtype": engine_cfg.dtype, "checkpoint_dtype": base.model.dtype, "threads": threads, "batch_size": engine_cfg.batch_size, "pairs": n,
         "median_s_per_pair": med, "ratio_logprob_over_generative": med["logprob"] / med["generative"],
         "logprob_verdicts": sum(w is not None for w in w_lp), "generative_verdicts": sum(w is not None for w in w_gen),
         "both_verdicts": len(both), "judges_agree": agree,

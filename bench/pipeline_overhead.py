@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import init_ray, interleave, median, uptime, versions, write_json  # noqa: E402
+from _common import init_ray, interleave, loadavg, machine, median, uptime, versions, write_json  # noqa: E402
 
 from selfalign_ray.engines.base import SamplingSpec, request_seed  # noqa: E402
 from selfalign_ray.sao.stages import SamplingConfig  # noqa: E402
@@ -92,6 +92,7 @@ class Setup:
             self.engine_cfg.torch_threads = args.threads
         self.threads = self.engine_cfg.torch_threads or max(1, int(self.engine_cfg.num_cpus_per_actor))
         self.model_path = resolve_model_path(cfg.model.source, cfg.model.path, cfg.model.dtype)
+        self.checkpoint_dtype = cfg.model.dtype
         self.judge = typed(JudgeConfig, cfg.judge, "judge")
         self.mode = cfg.mode
         self.seed = 0
@@ -208,6 +209,8 @@ def summarise(kind: str, setup: Setup, runs: dict) -> dict:
     same = all(p["by_stage"][s] == b["by_stage"][s] for s in ("instruct", "respond"))
     return {"engine": kind, "model": setup.model_path, "threads": setup.threads,
             "batch_size": setup.engine_cfg.batch_size, "num_cpus_per_actor": setup.engine_cfg.num_cpus_per_actor,
+            # Both sides run the same EngineConfig, so the same weights dtype (engine.dtype; auto = fp32 on CPU).
+            "engine_dtype": setup.engine_cfg.dtype, "checkpoint_dtype": setup.checkpoint_dtype,
             "personas": len(setup.inputs), "tokens_pipeline": p["tokens"], "tokens_bare": b["tokens"],
             "output_tokens": p["output_tokens"], "same_instruct_respond_tokens": same,
             "pairs_pipeline": p["pairs"], "pairs_bare": b["pairs"], "median": med,
@@ -254,8 +257,9 @@ def main() -> None:
         summaries.append(summarise(kind, setup, runs))
         shutil.rmtree(setup.workdir, ignore_errors=True)
     end_load = uptime("end")
-    write_json(args.json, {"versions": versions(), "uptime_start": start_load, "uptime_end": end_load,
-                           "args": vars(args), "results": summaries})
+    write_json(args.json, {"versions": versions(), "machine": machine(), "loadavg_end": loadavg(),
+                           "uptime_start": start_load, "uptime_end": end_load, "args": vars(args),
+                           "results": summaries})
 
     print(f"\nmedians of {args.reps} interleaved runs; tokens = prompt + output of instruct, respond, judge")
     print(f"{'engine':9} {'thr':>3} {'bs':>3} {'tokens':>7} {'same':>5} {'bare tok/s':>10} {'pipe tok/s':>10} "

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RSSSampler, init_ray, interleave, median, uptime, versions, write_json  # noqa: E402
+from _common import RSSSampler, init_ray, interleave, machine, median, uptime, versions, write_json  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -160,7 +160,7 @@ def main() -> None:
 
     start_load = uptime("start")
     parts = args.part.split(",")
-    report = {"versions": versions(), "args": vars(args), "uptime_start": start_load}
+    report = {"versions": versions(), "machine": machine(), "args": vars(args), "uptime_start": start_load}
     if "gen" in parts:
         report["gen"] = part_gen(args)
     if "train" in parts:

@@ -1,25 +1,36 @@
 """SimPO training step: ours vs TRL's CPOTrainer(loss_type="simpo", cpo_alpha=0), same model, data, batch, lengths.
 
-    python bench/train_vs_trl.py                        # SmolLM2-135M, fp32 CPU, 4 pairs per step
-    python bench/train_vs_trl.py --threads 2 --steps 4
+    python bench/train_vs_trl.py                        # SmolLM2-135M, CPU, 4 pairs per step, fp32 and bf16 rows
+    python bench/train_vs_trl.py --threads 2 --steps 4 --json /tmp/trl.json
 
 TRL is not a dependency of this project: a trl wheel is installed beside the venv, never into it,
     pip install --no-deps --target /tmp/trl_pkg trl-1.16.0-py3-none-any.whl
 and this script puts --trl-path (default /tmp/trl_pkg) on sys.path.
 
-Variants (interleaved in one process, medians reported):
-  trl         : trl.experimental.cpo.CPOTrainer, loss_type="simpo", cpo_alpha=0, beta=10, simpo_gamma=3
+Variants (interleaved in one process, medians reported); every variant records its precision:
+  trl_fp32    : trl.experimental.cpo.CPOTrainer, loss_type="simpo", cpo_alpha=0, beta=10, simpo_gamma=3
                 (= gamma/beta 0.3), lr 1e-6, max_length 512, optim --trl-optim (adamw_torch_fused), max_grad_norm 1,
                 sequential sampler, one process (HF Trainer + accelerate, no DeepSpeed). Padded concatenated forward.
-  ours_direct : our step without Ray and DeepSpeed: the worker's code path (train/data.py tokenisation and
-                padding-free packing, train/objectives.run_micro_batch) + the worker's torch AdamW (fused kernel,
-                clip 1.0) in this process.
-                The like-for-like comparison with TRL's single process.
-  ours_ray    : the product path: selfalign_ray.train.train_model -> Ray Train TorchTrainer, 1 worker, DeepSpeed
-                ZeRO-3 (conf/deepspeed/zero3.yaml), Ray Data streaming the Parquet pairs. Step times come from
-                train_history.jsonl (tokens / tokens_per_s per optimizer step).
-All three: the same fp32 model with sdpa attention, the same pairs in the same order, per-device batch = global
-batch = --batch pairs (no accumulation), the same torch threads (--threads).
+                bf16=False set explicitly: fp32 weights and compute.
+  trl_bf16    : the same with bf16=True set explicitly: HF Trainer/accelerate run the forward under
+                torch.autocast("cpu", bfloat16), fp32 weights (what our bf16 CPU path does too).
+  trl_default : the same without setting bf16, i.e. what a TRL user gets: CPOConfig (TRL 1.16) defaults to
+                bf16=True even with use_cpu=True, so this is bf16 autocast; the precision column says what it
+                resolved to. Not a like-for-like row: reported separately.
+  ours_direct_fp32 / ours_direct_bf16 : our step without Ray and DeepSpeed: the worker's code path (train/data.py
+                tokenisation and padding-free packing, the attention the worker picks (core._attn_implementation:
+                sdpa_packed on CPU), train/objectives.run_micro_batch) + the worker's torch AdamW (fused kernel,
+                clip 1.0) in this process; _bf16 = the worker's CPU bf16 path (train/precision.py: autocast,
+                fp32 weights). The like-for-like comparison with TRL's single process.
+  ours_ray_fp32 / ours_ray_bf16 : the product path: selfalign_ray.train.train_model -> Ray Train TorchTrainer,
+                1 worker, DeepSpeed ZeRO-3 (conf/deepspeed/zero3.yaml), Ray Data streaming the Parquet pairs,
+                train.bf16=false / true. Step times come from train_history.jsonl (tokens / tokens_per_s per
+                optimizer step); the precision from its train_summary.json.
+All: the same fp32 checkpoint, the same pairs in the same order, per-device batch = global batch = --batch pairs
+(no accumulation), the same torch threads (--threads). Ratios: each of ours against the TRL row of the SAME
+precision (fp32 vs trl_fp32, bf16 autocast vs trl_bf16), and separately against trl_default. The report
+records the CPU model, its bf16 flags (avx512_bf16 / amx_bf16: without them bf16 is emulated and slow, which
+decides how TRL's default compares), torch's CPU capability, /proc/loadavg at start and end, and versions.
 
 Step time = from the end of the previous optimizer step to the end of this one (tokenisation / collation of
 the batch, forward, backward, clipping, optimizer step); the first --warmup steps are not counted.
@@ -64,7 +75,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, init_ray, interleave, median, uptime, versions, write_json  # noqa: E402
+from _common import ROOT, init_ray, interleave, loadavg, machine, median, uptime, versions, write_json  # noqa: E402
+
+TRL_VARIANTS = ("trl_fp32", "trl_bf16", "trl_default")
+VARIANTS = TRL_VARIANTS + ("ours_direct_fp32", "ours_direct_bf16", "ours_ray_fp32", "ours_ray_bf16")
+FP32, AUTOCAST = "fp32", "bf16 autocast (fp32 weights)"
 
 
 def make_pairs(n: int, seed: int, words: tuple[int, int]) -> list[dict]:
@@ -84,11 +99,11 @@ def make_pairs(n: int, seed: int, words: tuple[int, int]) -> list[dict]:
     return rows
 
 
-def load_model(path: str):
+def load_model(path: str, attn: str = "sdpa"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
     model.train()
     return model
 
@@ -122,7 +137,17 @@ class Bench:
         self.first_loss = {}
 
     # ------------------------------------------------------------------------ TRL
-    def trl(self) -> dict:
+    def trl_fp32(self) -> dict:
+        return self.trl("trl_fp32", False)
+
+    def trl_bf16(self) -> dict:
+        return self.trl("trl_bf16", True)
+
+    def trl_default(self) -> dict:
+        return self.trl("trl_default", None)
+
+    def trl(self, name: str, bf16: bool | None) -> dict:
+        """bf16 None: CPOConfig's own default."""
         import torch
         from datasets import Dataset
         from transformers import AutoTokenizer, TrainerCallback
@@ -152,7 +177,7 @@ class Bench:
                         max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=0,
                         train_sampling_strategy="sequential", use_cpu=True, report_to="none",
                         save_strategy="no", logging_steps=10**6, dataloader_num_workers=0, seed=a.seed,
-                        disable_tqdm=True)
+                        disable_tqdm=True, **({} if bf16 is None else {"bf16": bf16}))
         tok = AutoTokenizer.from_pretrained(self.model_path)
         trainer = Counting(model=load_model(self.model_path), args=cfg, train_dataset=Dataset.from_list(self.rows),
                            processing_class=tok, callbacks=[Stamp()])
@@ -161,17 +186,28 @@ class Bench:
         res = step_stats(ends, tokens, a.batch, a.warmup, start)
         res["pad_waste"] = 1 - sum(tokens[a.warmup:]) / sum(padded[a.warmup:])
         res["threads"] = threads_seen[-1]
-        self.first_loss.setdefault("trl", losses[0])
+        # What the HF Trainer really ran: bf16=True on CPU = accelerate's bf16 autocast, fp32 weights.
+        res["precision"] = AUTOCAST if cfg.bf16 else FP32
+        res["model_dtype"] = str(next(trainer.model.parameters()).dtype)
+        self.first_loss.setdefault(name, losses[0])
         del trainer
         gc.collect()
         return res
 
     # ---------------------------------------------------------------- ours, direct
-    def ours_direct(self) -> dict:
+    def ours_direct_fp32(self) -> dict:
+        return self.ours_direct("ours_direct_fp32", "fp32")
+
+    def ours_direct_bf16(self) -> dict:
+        return self.ours_direct("ours_direct_bf16", "bf16_autocast")
+
+    def ours_direct(self, name: str, mode: str) -> dict:
         import torch
         from transformers import AutoTokenizer
 
         from selfalign_ray.train.config import TrainConfig
+        from selfalign_ray.train.core import _attn_implementation
+        from selfalign_ray.train.precision import Precision
         from selfalign_ray.train.data import collate, preference_examples
         from selfalign_ray.train.objectives import run_micro_batch
         from selfalign_ray.train.worker import make_adamw
@@ -182,7 +218,10 @@ class Bench:
                           per_device_batch_size=a.batch, global_batch_size=a.batch, num_workers=1)
         tok = AutoTokenizer.from_pretrained(self.model_path)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        model = load_model(self.model_path)
+        # What the worker picks (sdpa_packed on CPU), or --ours-attn as given (sdpa: the block-diagonal mask).
+        attn = _attn_implementation(self.model_path, cfg) if a.ours_attn == "auto" else a.ours_attn
+        precision = Precision(mode, "bench")
+        model = load_model(self.model_path, attn)
         opt = make_adamw(model.parameters(), cfg.learning_rate, 0.0)  # the worker's optimizer
         tokens, ends = [], []
         start = time.perf_counter()
@@ -190,23 +229,30 @@ class Bench:
             rows = self.rows[s * a.batch:(s + 1) * a.batch]
             pairs = [preference_examples(tok, r, cfg.max_length, cfg.max_prompt_length) for r in rows]
             batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, padding_free=True)
-            out = run_micro_batch(model, batch, cfg, "simpo")
+            with precision.autocast():  # the worker's forward context (TrainCore.train_step)
+                out = run_micro_batch(model, batch, cfg, "simpo", attn)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             tokens.append(out.tokens)
             if s == 0:
-                self.first_loss.setdefault("ours_direct", float(out.loss))
+                self.first_loss.setdefault(name, float(out.loss))
             ends.append(time.perf_counter())
         res = step_stats(ends, tokens, a.batch, a.warmup, start)
-        res["threads"] = torch.get_num_threads()
+        res.update(threads=torch.get_num_threads(), precision=FP32 if mode == "fp32" else AUTOCAST, attn=attn)
         del model, opt
         gc.collect()
         return res
 
     # ------------------------------------------------------------ ours, Ray Train
-    def ours_ray(self) -> dict:
+    def ours_ray_fp32(self) -> dict:
+        return self.ours_ray("ours_ray_fp32", False)
+
+    def ours_ray_bf16(self) -> dict:
+        return self.ours_ray("ours_ray_bf16", True)
+
+    def ours_ray(self, name: str, bf16: bool) -> dict:
         from selfalign_ray.train import train_model
 
         a = self.args
@@ -214,12 +260,13 @@ class Bench:
                "max_prompt_length": 256, "per_device_batch_size": a.batch, "global_batch_size": a.batch,
                "num_workers": 1, "cpus_per_worker": 1, "torch_threads": a.threads,
                "eval_before_after": False, "checkpoint_every_steps": 10**6, "max_failures": 0,
-               "warmup_ratio": 0.0, "seed": a.seed}
+               "warmup_ratio": 0.0, "seed": a.seed, "bf16": bf16}
         out = Path(tempfile.mkdtemp(dir=self.tmp))
         result = train_model(model_path=self.model_path, train_files=[self.parquet], output_dir=str(out / "model"),
                              cfg=cfg, deepspeed_cfg=self.ds_cfg, run_name="bench")
         hist = result.history
-        self.first_loss.setdefault("ours_ray", hist[0]["loss"])
+        self.first_loss.setdefault(name, hist[0]["loss"])
+        prec = result.summary.get("precision", {})
         times = [h["tokens"] / h["tokens_per_s"] for h in hist][a.warmup:]
         toks = [h["tokens"] for h in hist][a.warmup:]
         import shutil
@@ -227,7 +274,31 @@ class Bench:
         shutil.rmtree(out, ignore_errors=True)
         return {"steps": len(times), "seconds": sum(times), "tokens": sum(toks), "tok_s": sum(toks) / sum(times),
                 "pairs_s": a.batch * len(times) / sum(times), "step_s": [round(t, 2) for t in times],
-                "threads": a.threads}
+                "threads": a.threads, "precision": AUTOCAST if prec.get("mode") == "bf16_autocast" else FP32,
+                "attn": result.summary.get("attn_implementation")}
+
+
+def profile(bench: Bench, names: list[str], top: int) -> dict:
+    """Each variant once under torch.profiler: self CPU seconds per op (top `top`) and the total, so that two
+    variants' kernels can be compared op by op. Not for ours_ray (its step runs in a Ray worker process)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = {}
+    for n in names:
+        if n.startswith("ours_ray"):
+            raise SystemExit("--profile: ours_ray_* runs in a Ray worker; profile ours_direct_* (the same step)")
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            res = getattr(bench, n)()
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in events) / 1e6
+        events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        ops = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in events[:top]]
+        out[n] = {"precision": res["precision"], "tokens": res["tokens"], "self_cpu_s": total, "top_ops": ops}
+        print(f"\n{n} ({res['precision']}): {total:.1f} s self CPU over all steps, top ops:")
+        for o in ops:
+            print(f"  {o['op'][:48]:48} {o['self_s']:8.2f} s {100 * o['self_s'] / total:5.1f} %  {o['calls']:7d} calls")
+    return out
 
 
 # ------------------------------------------------------------------------------------------- long sequences
@@ -418,12 +489,19 @@ def main() -> None:
     ap.add_argument("--max-words", type=int, default=80)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every variant")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--variants", default="trl,ours_direct,ours_ray")
+    ap.add_argument("--variants", default="trl_fp32,ours_direct_fp32,trl_bf16,ours_direct_bf16,trl_default",
+                    help=f"comma-separated, among {', '.join(VARIANTS)} (ours_ray_* start Ray: slower)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trl-path", default="/tmp/trl_pkg")
     ap.add_argument("--trl-optim", default="adamw_torch_fused",
                     help="HF Trainer optim for TRL; fused like ours by default, so the ratio is not an optimizer gap")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ours-attn", default="auto",
+                    help="ours_direct_*: auto = the worker's choice (sdpa_packed on CPU); sdpa = transformers' SDPA "
+                         "with the packed row's block-diagonal mask (the layout before sdpa_packed)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="instead of timing: run each variant once under torch.profiler, print its top N ops by "
+                         "self CPU time (warmup and timed steps both recorded)")
     ap.add_argument("--long", action="store_true", help="the long-sequence case (one subprocess per variant)")
     ap.add_argument("--long-tokens", type=int, default=2048, help="tokens per sequence in the long case")
     ap.add_argument("--long-variants", default=",".join(LONG_VARIANTS))
@@ -437,12 +515,10 @@ def main() -> None:
         print("LONG_RESULT " + json.dumps(long_child(args)), flush=True)
         return
     if args.long or args.memory_curve:
-        import platform
-
         import torch
 
-        report = {"versions": versions(), "uptime_start": uptime("start"), "args": vars(args),
-                  "cpu": platform.processor() or platform.machine(), "torch_threads": args.threads}
+        report = {"versions": versions(), "uptime_start": uptime("start"), "loadavg_start": loadavg(),
+                  "args": vars(args), "machine": machine(args.threads), "torch_threads": args.threads}
         if args.memory_curve:
             print(f"memory curve ({args.model} architecture, {args.curve_layers} layers, one pair, fp32):")
             report["memory_curve"] = memory_curve(args)
@@ -450,39 +526,70 @@ def main() -> None:
             print(f"long sequences: {args.long_tokens} tokens per sequence, 1 pair per step, {args.steps} timed "
                   f"steps + {args.warmup} warmup, {args.threads} torch thread(s), torch {torch.__version__}")
             report["long"] = long_case(args)
-        report["uptime_end"] = uptime("end")
+        report["uptime_end"], report["loadavg_end"] = uptime("end"), loadavg()
         write_json(args.json, report)
         return
 
-    start_load = uptime("start")
-    bench = Bench(args)
     names = args.variants.split(",")
-    if "ours_ray" in names:
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: {unknown} not among {', '.join(VARIANTS)}")
+    start_load, start_avg = uptime("start"), loadavg()
+    bench = Bench(args)
+    if args.profile:
+        write_json(args.json, {"versions": versions(), "machine": machine(args.threads), "loadavg_start": start_avg,
+                               "profile": profile(bench, names, args.profile), "loadavg_end": loadavg()})
+        return
+    if any(n.startswith("ours_ray") for n in names):
         init_ray(num_cpus=2)
     runs = interleave({n: getattr(bench, n) for n in names}, args.reps)
-    end_load = uptime("end")
+    end_load, end_avg = uptime("end"), loadavg()
     med = {n: {k: median([r[k] for r in rs]) for k in ("tok_s", "pairs_s", "tokens")} for n, rs in runs.items()}
-    report = {"versions": versions(), "uptime_start": start_load, "uptime_end": end_load, "args": vars(args),
+    for n, rs in runs.items():
+        med[n]["precision"] = rs[0]["precision"]
+        if any(r["precision"] != rs[0]["precision"] for r in rs):
+            raise SystemExit(f"{n}: precision changed between repetitions: {[r['precision'] for r in rs]}")
+    report = {"versions": versions(), "machine": machine(args.threads), "loadavg_start": start_avg,
+              "loadavg_end": end_avg, "uptime_start": start_load, "uptime_end": end_load, "args": vars(args),
               "model": bench.model_path, "first_step_loss": bench.first_loss, "median": med, "runs": runs}
-    if "trl" in med:
-        report["ratios_vs_trl"] = {n: {"tok_s": med[n]["tok_s"] / med["trl"]["tok_s"],
-                                       "pairs_s": med[n]["pairs_s"] / med["trl"]["pairs_s"]} for n in med if n != "trl"}
+    # Like for like: each of ours against the TRL row of the same precision; TRL's default configuration apart.
+    trl_by_precision = {med[n]["precision"]: n for n in ("trl_fp32", "trl_bf16") if n in med}
+    ratios = {}
+    for n in med:
+        if n in TRL_VARIANTS:
+            continue
+        peer = trl_by_precision.get(med[n]["precision"])
+        ratios[n] = {"same_precision_peer": peer}
+        for label, ref in (("vs_same_precision", peer), ("vs_trl_default", "trl_default" if "trl_default" in med
+                                                            else None)):
+            if ref:
+                ratios[n][label] = {"tok_s": med[n]["tok_s"] / med[ref]["tok_s"],
+                                    "pairs_s": med[n]["pairs_s"] / med[ref]["pairs_s"]}
+    report["ratios"] = ratios
     write_json(args.json, report)
 
+    m = report["machine"]
     print(f"\n{bench.model_path}: {args.batch} pairs/step, {args.steps} timed steps (+{args.warmup} warmup) per run, "
           f"{args.threads} torch thread(s); medians of {args.reps} interleaved runs")
+    print(f"CPU {m['cpu_model']}, bf16 flags {m['bf16_flags'] or 'none'}, torch capability {m['cpu_capability']}; "
+          f"loadavg {start_avg} -> {end_avg}")
     print("first-step SimPO loss: " + ", ".join(f"{k} {v:.4f}" for k, v in bench.first_loss.items()))
-    if "trl" in runs:
-        print(f"TRL padded batch: pad waste {median([r['pad_waste'] for r in runs['trl']]):.2f} of the padded tokens")
-    print(f"{'variant':12} {'tokens/run':>10} {'tok/s':>8} {'pairs/s':>8} {'tok/s vs TRL':>13} {'pairs/s vs TRL':>15}")
+    trl_runs = [r for n in TRL_VARIANTS for r in runs.get(n, [])]
+    if trl_runs:
+        print(f"TRL padded batch: pad waste {median([r['pad_waste'] for r in trl_runs]):.2f} of the padded tokens")
+    print(f"{'variant':17} {'precision':29} {'tok/s':>8} {'pairs/s':>8} {'vs TRL same precision':>22} "
+          f"{'vs TRL default':>15}")
     for n in names:
-        m = med[n]
-        rt = report.get("ratios_vs_trl", {}).get(n)
-        r_tok = f"{rt['tok_s']:.2f}" if rt else "-"
-        r_pairs = f"{rt['pairs_s']:.2f}" if rt else "-"
-        print(f"{n:12} {m['tokens']:10.0f} {m['tok_s']:8.2f} {m['pairs_s']:8.3f} {r_tok:>13} {r_pairs:>15}")
-    for n, rt in report.get("ratios_vs_trl", {}).items():
-        print(f"target {n}/trl tokens/s >= 1.3: {rt['tok_s']:.2f} -> {'met' if rt['tok_s'] >= 1.3 else 'MISSED'}")
+        r = ratios.get(n, {})
+        same, dflt = r.get("vs_same_precision"), r.get("vs_trl_default")
+        same_s = f"{same['tok_s']:.2f} ({r['same_precision_peer']})" if same else "-"
+        dflt_s = f"{dflt['tok_s']:.2f}" if dflt else "-"
+        print(f"{n:17} {med[n]['precision']:29} {med[n]['tok_s']:8.2f} {med[n]['pairs_s']:8.3f} {same_s:>22} "
+              f"{dflt_s:>15}")
+    for n, r in ratios.items():
+        if r.get("vs_same_precision"):
+            x = r["vs_same_precision"]["tok_s"]
+            print(f"target {n} / {r['same_precision_peer']} tokens/s >= 1.3: {x:.2f} -> {'met' if x >= 1.3 else 'MISSED'}")
 
 
 if __name__ == "__main__":

@@ -139,3 +139,17 @@ def test_sdpa_packed_equals_masked_sdpa(tiny_model_path):
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cpu_packing_picks_sdpa_packed_and_padding_keeps_sdpa(tiny_model_path):
+    from transformers import AutoConfig
+
+    from selfalign_ray.models import packed_sdpa
+    from selfalign_ray.train.core import _attn_implementation
+
+    assert _attn_implementation(tiny_model_path, TrainConfig(padding_free=True)) == packed_sdpa.NAME
+    assert _attn_implementation(tiny_model_path, TrainConfig(padding_free=False)) == "sdpa"
+    assert _attn_implementation(tiny_model_path, TrainConfig(attn_implementation="eager")) == "eager"
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    config.sliding_window = 16  # a sliding-window model keeps its mask
+    assert not packed_sdpa.usable_for(config)

@@ -122,8 +122,11 @@ def test_random_weights_from_a_llama_shape_are_initialised_and_train(core_runs, 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_smoke_two_cpu_processes(tmp_path, tiny_model_path):
-    out = _torchrun(2, ["-m", "selfalign_ray.train.smoke", "--model", "tiny_random", "--steps", "3",
+    # --bf16 on CPU: the CPU bf16 path (train/precision.py: autocast, fp32 ZeRO-3 partitions) through the core,
+    # with the ranks agreeing on it over gloo; the fp32 core is covered by core_runs above.
+    out = _torchrun(2, ["-m", "selfalign_ray.train.smoke", "--model", "tiny_random", "--steps", "3", "--bf16",
                         "--seq-len", "64", "--out", str(tmp_path / "smoke")], timeout=240)
+    assert "bf16_autocast" in out, out[-3000:]
     steps = re.findall(r"^step (\d+)/3 loss (\S+) tokens (\d+) tokens/s (\S+)", out, re.M)
     assert [int(s[0]) for s in steps] == [1, 2, 3], out[-3000:]
     assert all(math.isfinite(float(s[1])) and int(s[2]) > 0 for s in steps)

@@ -92,7 +92,7 @@ def parse_args(argv=None):
     ap.add_argument("--pairs-per-micro", type=int, default=2, help="pairs per micro-batch per rank")
     ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step per rank")
     ap.add_argument("--seq-len", type=int, default=256, help="longest prompt + response, tokens")
-    ap.add_argument("--bf16", action="store_true", help="bf16 weights/activations (GPU)")
+    ap.add_argument("--bf16", action="store_true", help="train.bf16=true: bf16 weights (GPU), bf16 autocast with fp32 weights (CPU)")
     ap.add_argument("--cpu", action="store_true", help="stay on CPU (gloo) even where CUDA is available")
     ap.add_argument("--padded", action="store_true", help="right-pad micro-batches instead of packing them")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
