@@ -202,7 +202,7 @@ def run_step(record: Path, what: str, settings: dict, work: Callable[[], dict],
     must wait for the record, e.g. deleting the checkpoints that would otherwise be the only way back."""
     done = check_record(record, what, settings)
     if done is not None:
-        log.info("%s: already done with the same settings (%s)", what, record)
+        log.info("%s already done with the same settings (%s)", what, record)
     else:
         import time
 
