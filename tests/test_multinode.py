@@ -5,8 +5,10 @@ pairs as the fault-free run.
 
 What makes the second run hold: Ray Data spreads the pool's actors over the nodes (its default SPREAD
 scheduling), an actor lost with its node counts as one of its engine.max_restarts and is restarted where there is
-room (the head), and the batches it held are retried (engine.max_task_retries); training asks Ray Train for
-train.placement_strategy=SPREAD, which falls back to one node when only one is left.
+room (the head), and the batches it held are retried on it. That needs engine.max_task_retries=-1 (its default:
+retry while the actor lives, bounded by max_restarts): with max_task_retries=3 this test failed with
+ActorUnavailableError, the retries spent on refused connections before Ray had marked the node dead. Training asks
+Ray Train for train.placement_strategy=SPREAD, which falls back to one node when only one is left.
 """
 
 from __future__ import annotations

@@ -238,7 +238,7 @@ class _Stream:
     def __exit__(self, *exc):
         return None
 
-    def batches(self, ds, pools):
+    def batches(self, ds, pools, **watchdog):  # stall_timeout_s, describe: no deadline needed here
         return (self.blocks[i] for i in self.order)
 
 
@@ -262,7 +262,7 @@ def test_duplicate_prompts_resolve_by_chunk_order_whatever_finishes_first(tmp_pa
     monkeypatch.setattr(runner, "PoolStream", lambda what: _Stream(blocks, finish_order))
     monkeypatch.setattr(runner, "PairMetrics", lambda: type("M", (), {"record": lambda *a: None})())
     store = IterationStore(tmp_path / "iter_1")
-    pool = PoolSpec("sao", "m", type("E", (), {"batch_size": 2})(), [])
+    pool = PoolSpec("sao", "m", type("E", (), {"batch_size": 2, "stall_timeout_s": 0})(), [])
     manifest = runner.run_generation(store, inputs, [pool], PairAssembler("sao", 1, "m", ()), {})
     kept = [p["prompt"][0]["content"] for s in manifest["shards"] for p in pq.read_table(s["file"]).to_pylist()]
     assert kept == ["A", "dup", "B", "C"]  # the copy of chunk 0 survives

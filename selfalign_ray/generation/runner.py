@@ -69,7 +69,8 @@ def _run_generation(stream: PoolStream, store: IterationStore, inputs: pd.DataFr
         order = sorted(int(c) for c in set(pending["chunk_id"]))
         # Watchdog: no chunk committed for engine.stall_timeout_s -> StallError naming the pools (pool.py).
         stall_s = max(p.engine.stall_timeout_s for p in pools)
-        batches = stream.batches(ds, pools, stall_s, lambda: _waiting_on(order, markers, expected))
+        batches = iter(stream.batches(ds, pools, stall_timeout_s=stall_s,
+                                      describe=lambda: _waiting_on(order, markers, expected)))
         while True:
             try:
                 out = next(batches)
