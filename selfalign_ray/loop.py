@@ -4,20 +4,19 @@
 
 Every step is resumable: generation skips committed chunks, training is skipped when
 `DIR/iter_k/train.json` records a finished run, so re-running the same command continues a killed run.
+DIR may be a URI (s3://..., gs://...): every file goes through selfalign_ray/data/storage.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 
 # Local vs remote Ray (and the token-authentication hint); the resource pre-flight. Module names, so that tests
 # can replace them.
 from selfalign_ray.cluster import init_ray
 from selfalign_ray.config import positive, to_dict
-from selfalign_ray.data.shards import atomic_write_json
+from selfalign_ray.data import storage
 from selfalign_ray.models.resolve import resolve_model_path
 from selfalign_ray.preflight import check_run as preflight
 
@@ -31,13 +30,13 @@ def _generator(mode_name: str):
     raise ValueError(f"mode.name={mode_name!r} is not implemented (known: sao)")
 
 
-def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_dir: Path) -> dict:
+def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_dir: str) -> dict:
     from selfalign_ray.train import train_model
 
     result = train_model(
         model_path=init_model,
         train_files=train_files,
-        output_dir=str(iter_dir / "model"),
+        output_dir=storage.join(iter_dir, "model"),
         cfg=cfg.train,
         deepspeed_cfg=to_dict(cfg.deepspeed),
         objective="simpo",
@@ -52,12 +51,17 @@ def run(cfg) -> dict:
 
     apply_output_dir(cfg)
     if cfg.mode.name == "synpo":
+        if storage.is_uri(cfg.output_dir):
+            from selfalign_ray.config import ConfigError
+
+            raise ConfigError(f"output_dir={cfg.output_dir!r}: mode=synpo writes its outputs to a local or shared "
+                              "file system path only; object storage URIs are supported for mode=sao")
         # SynPO has its own loop (generator and improver SFT, cumulative dataset, held-out evaluation).
         from selfalign_ray.synpo.loop import run_synpo
 
         return run_synpo(cfg)
     started = time.time()
-    out = Path(cfg.output_dir).expanduser().resolve()
+    out = storage.absolute(cfg.output_dir)
     iterations = positive(cfg.iterations, "iterations")
     positive(cfg.dataset_size, "dataset_size")
     if cfg.train.enabled:
@@ -70,21 +74,21 @@ def run(cfg) -> dict:
     init_ray(cfg.cluster)
     # What every stage asks for against what the cluster has or can scale to: refused now, not waited on forever.
     preflight(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     generate = _generator(cfg.mode.name)
     current = base_model
-    report = {"output_dir": str(out), "mode": cfg.mode.name, "base_model": base_model, "iterations": []}
+    report = {"output_dir": out, "mode": cfg.mode.name, "base_model": base_model, "iterations": []}
     for k in range(1, iterations + 1):
-        iter_dir = out / f"iter_{k}"
+        iter_dir = storage.join(out, f"iter_{k}")
         log.info("iteration %d/%d: generating with %s", k, iterations, current)
         manifest = generate(cfg, k, current, iter_dir)
-        entry = {"iteration": k, "generator_model": current, "manifest": str(iter_dir / "manifest.json"),
+        entry = {"iteration": k, "generator_model": current, "manifest": storage.join(iter_dir, "manifest.json"),
                  "pairs_kept": manifest["pairs_kept"], "inputs": manifest["inputs"], "drops": manifest["drops"],
-                 "shards": str(iter_dir / "shards"), "generation": manifest.get("generation")}
+                 "shards": storage.join(iter_dir, "shards"), "generation": manifest.get("generation")}
         if cfg.train.enabled:
-            train_record = iter_dir / "train.json"
-            if train_record.exists():
-                trained = json.loads(train_record.read_text())
+            train_record = storage.join(iter_dir, "train.json")
+            if storage.exists(train_record):
+                trained = storage.read_json(train_record)
                 log.info("iteration %d: training already done, model at %s", k, trained["model_dir"])
             else:
                 files = [s["file"] for s in manifest["shards"] if s["rows"] > 0]
@@ -95,12 +99,12 @@ def run(cfg) -> dict:
                 trained = _train(cfg, k, init_model, files, iter_dir)
                 trained["init_model"] = init_model
                 trained["train_files"] = files
-                atomic_write_json(train_record, trained)
+                storage.write_json(train_record, trained)
                 # The iteration's manifest records the model it trained and how training went.
                 manifest = {**manifest, "train": {"init_model": init_model, "model_dir": trained["model_dir"],
                                                   "pairs": trained["summary"]["rows"],
                                                   "summary": trained["summary"]}}
-                atomic_write_json(iter_dir / "manifest.json", manifest)
+                storage.write_json(storage.join(iter_dir, "manifest.json"), manifest)
             current = trained["model_dir"]
             entry["model"] = current
             entry["train"] = trained["summary"]
@@ -113,7 +117,7 @@ def run(cfg) -> dict:
             add_to_manifest(iter_dir, "eval_vs_base", vs_base)
         report["iterations"].append(entry)
     report["wall_s"] = round(time.time() - started, 1)
-    atomic_write_json(out / "summary.json", report)
+    storage.write_json(storage.join(out, "summary.json"), report)
     # DIR/report.md + DIR/report/*.png from the files on disk; a failure only logs a warning.
     from selfalign_ray.report import write_report_safely
 

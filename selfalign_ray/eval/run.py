@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from selfalign_ray.data import storage
 from selfalign_ray.data.shards import atomic_write_json
 from selfalign_ray.engines.base import SamplingSpec
 from selfalign_ray.engines.config import EngineConfig
@@ -142,9 +143,9 @@ def evaluate_vs_base(cfg, iteration: int, model: str, base: str, iter_dir: Path)
     node = cfg.get("eval")
     if node is None or not node.get("enabled", False):
         return None
-    record = iter_dir / "eval_vs_base.json"
-    if record.exists():
-        return json.loads(record.read_text())
+    record = storage.join(iter_dir, "eval_vs_base.json")
+    if storage.exists(record):
+        return storage.read_json(record)
     if model == base:
         log.info("iteration %d: evaluation against the base model skipped (no trained model)", iteration)
         return None
@@ -153,10 +154,16 @@ def evaluate_vs_base(cfg, iteration: int, model: str, base: str, iter_dir: Path)
 
     settings = EvalSettings.from_cfg({k: v for k, v in node.items() if k != "enabled"})
     judge = resolve_model(settings.judge.model)[0] if settings.judge.model else base
+    eval_dir = storage.join(iter_dir, "eval")
+    # On object storage the answers are written to a local staging dir, then uploaded (data/storage.py).
+    local_dir = storage.staging_dir(eval_dir) if storage.is_uri(eval_dir) else Path(eval_dir)
     result = evaluate(model_a=model, name_a=f"iter_{iteration}", model_b=base, name_b="base", judge=judge,
                       settings=settings, engine=typed(EngineConfig, cfg.engine, "engine"),
-                      out_dir=iter_dir / "eval", seed=cfg.seed, iteration=iteration)
-    atomic_write_json(record, result)
+                      out_dir=local_dir, seed=cfg.seed, iteration=iteration)
+    if storage.is_uri(eval_dir):
+        storage.upload_dir(local_dir, eval_dir)
+        result["files"] = {k: storage.join(eval_dir, storage.name(v)) for k, v in result["files"].items()}
+    storage.write_json(record, result)
     log.info("iteration %d vs base: %s", iteration, describe(result))
     return result
 
@@ -170,7 +177,7 @@ def describe(r: dict) -> str:
 
 def add_to_manifest(iter_dir: Path, key: str, value) -> None:
     """Record `value` under `key` in iter_dir/manifest.json (read, update, atomic write)."""
-    path = iter_dir / "manifest.json"
-    manifest = json.loads(path.read_text())
+    path = storage.join(iter_dir, "manifest.json")
+    manifest = storage.read_json(path)
     manifest[key] = value
-    atomic_write_json(path, manifest)
+    storage.write_json(path, manifest)

@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from selfalign_ray.data.storage import local_copy, upload_dir
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.core import (  # noqa: F401  (_attn_implementation, make_adamw: imported from here)
     NonFiniteError,
@@ -157,7 +158,8 @@ def train_worker(config: dict) -> None:
     _refuse_after_nonfinite(out)
 
     configure_runtime(cfg)
-    tokenizer, engine, _hf_ds = build_engine(config["model_path"], cfg, config["deepspeed"], plan)
+    # A model on object storage (the previous iteration's, under an s3:// output_dir): a copy on this node.
+    tokenizer, engine, _hf_ds = build_engine(local_copy(config["model_path"]), cfg, config["deepspeed"], plan)
     core = TrainCore(engine, cfg, objective)
     partition = partition_stats(engine.module)
     restored = _restore(engine)
@@ -232,4 +234,7 @@ def train_worker(config: dict) -> None:
             "attn_implementation": core.attn, "padding_free": cfg.padding_free,
         }
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        if config.get("output_uri"):
+            # output_dir on object storage: `out` is this node's staging dir; the model is published by uploading it.
+            upload_dir(out, config["output_uri"])
     ray.train.report({"step": progress.step, "done": 1})
