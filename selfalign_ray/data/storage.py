@@ -8,7 +8,8 @@ pyarrow resolves), behind one small set of functions that every writer and reade
 
 Credentials and endpoints come only from each store's standard environment variables, read by pyarrow (and by Ray
 Train and Ray Data, which get the same filesystem object): for S3 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_SESSION_TOKEN, AWS_DEFAULT_REGION and AWS_ENDPOINT_URL (an S3-compatible server: MinIO, moto, Ceph); for GCS
+AWS_SESSION_TOKEN, AWS_DEFAULT_REGION and AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 (an S3-compatible server: MinIO, moto,
+Ceph; pyarrow >= 13 / >= 16 read them itself, so the layer passes no endpoint); for GCS
 GOOGLE_APPLICATION_CREDENTIALS or the node's service account. Nothing of them is written into any config or record.
 
 Model directories on a URI (iter_k/model) are used by code that needs local files (engines, the trainer):
@@ -123,10 +124,12 @@ def open_input(path: str | os.PathLike):
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Local: atomic (temp name + rename, data/shards.py). URI: one upload, visible only once complete."""
+    """Local: atomic (temp name + rename, data/shards.py), missing parent directories created (as a store needs
+    none). URI: one upload, visible only once complete."""
     if not is_uri(path):
         from selfalign_ray.data.shards import atomic_write_bytes
 
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(Path(path), data)
         return
     fs, p = resolve(path)
