@@ -231,13 +231,15 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     )
     # A marker left by an earlier call is stale: this call trains again (resumed or fresh).
     (out / NONFINITE_MARKER).unlink(missing_ok=True)
+    if output_uri:
+        layer.delete(layer.join(output_uri, NONFINITE_MARKER))
     try:
         trainer.fit()
     except Exception as err:
         # A non-finite loss/gradient is final (worker.NONFINITE_MARKER): its message, not Ray's wrapper.
-        marker = out / NONFINITE_MARKER
-        if marker.exists():
-            raise FloatingPointError(marker.read_text().strip()) from err
+        marker = layer.join(output_uri, NONFINITE_MARKER) if output_uri else out / NONFINITE_MARKER
+        if layer.exists(marker):
+            raise FloatingPointError(layer.read_text(marker).strip()) from err
         raise
 
     model_dir = output_uri or str(out)

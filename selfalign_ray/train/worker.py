@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from selfalign_ray.data.storage import local_copy, upload_dir
+from selfalign_ray.data.storage import join, local_copy, upload_dir, write_text
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.core import (  # noqa: F401  (_attn_implementation, make_adamw: imported from here)
     NonFiniteError,
@@ -174,6 +174,9 @@ def train_worker(config: dict) -> None:
         progress.before = _evaluate_all(core, eval_sets)
 
     history = out / HISTORY_FILE
+    if config.get("output_uri") and restored is None and rank == 0:
+        # A staging dir on this node may hold the history of an earlier run (the driver cleans only its own node).
+        history.unlink(missing_ok=True)
     recorder = TrainRecorder.for_worker(ctx, plan.total_steps, progress.step)  # rank 0: tqdm bar + Ray metrics
     for epoch in range(progress.epoch, cfg.epochs):
         skip = progress.micro_in_epoch if epoch == progress.epoch else 0
@@ -187,6 +190,8 @@ def train_worker(config: dict) -> None:
             except NonFiniteError as err:
                 if rank == 0:
                     (out / NONFINITE_MARKER).write_text(str(err))
+                    if config.get("output_uri"):  # the driver may run on another node than rank 0
+                        write_text(join(config["output_uri"], NONFINITE_MARKER), str(err))
                 raise
             # Wall time of the window, reading its micro-batches from the shard included (as before the core).
             elapsed = time.time() - window_started
