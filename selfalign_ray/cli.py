@@ -19,10 +19,21 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 # The package ships conf/ (a link to the repository's top-level conf/ in a source checkout).
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+def _hydra_run_dir(output_dir: str) -> str:
+    """hydra.run.dir (conf/config.yaml): the output dir itself, or for a URI (s3://...) a local directory that
+    stands for it (data/storage.py staging_dir): Hydra writes its logs and .hydra/ with local file calls."""
+    from selfalign_ray.data import storage
+
+    return str(storage.staging_dir(output_dir, "hydra")) if storage.is_uri(output_dir) else output_dir
+
+
+OmegaConf.register_new_resolver("hydra_run_dir", _hydra_run_dir, replace=True)
 
 log = logging.getLogger("selfalign_ray")
 

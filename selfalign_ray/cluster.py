@@ -7,7 +7,8 @@ cluster=remote  ray.init(address="auto") joins a running cluster: under `ray job
 Under `ray job submit --working-dir .` the driver runs in Ray's temporary copy of the working dir
 (/tmp/ray/session_*/runtime_resources/working_dir_files/...), which is deleted with the session: a relative
 output_dir would write shards and models there and lose them. So with cluster=remote a relative output_dir is
-refused, unless `cluster.output_root` names an absolute shared directory to resolve it against.
+refused, unless `cluster.output_root` names an absolute shared directory to resolve it against. A URI
+(output_dir=s3://bucket/runs/x, gs://...; selfalign_ray/data/storage.py) is storage every node sees: used as is.
 """
 
 from __future__ import annotations
@@ -37,13 +38,17 @@ def is_remote(cluster) -> bool:
     return bool(cluster.get("address"))
 
 
-def resolve_output_dir(cfg) -> Path:
-    """The run's absolute output directory.
+def resolve_output_dir(cfg) -> Path | str:
+    """The run's absolute output directory (a URI is returned as is, as a string).
 
     cluster=local: relative to the launch directory (Hydra keeps the cwd, hydra.job.chdir=false).
     cluster=remote: an absolute output_dir as is; a relative one under `cluster.output_root` if that is set,
     otherwise a ConfigError (see the module docstring for why).
     """
+    from selfalign_ray.data.storage import absolute, is_uri
+
+    if is_uri(cfg.output_dir):
+        return absolute(cfg.output_dir)
     path = Path(str(cfg.output_dir)).expanduser()
     if path.is_absolute() or not is_remote(cfg.cluster):
         return path.resolve()
@@ -60,7 +65,7 @@ def resolve_output_dir(cfg) -> Path:
     return (root / path).resolve()
 
 
-def apply_output_dir(cfg) -> Path:
+def apply_output_dir(cfg) -> Path | str:
     """Resolve output_dir (see resolve_output_dir); on a remote cluster write it back into cfg, so every later
     reader (SAO loop, SynPO loop) uses the resolved path (a local run is left exactly as configured)."""
     out = resolve_output_dir(cfg)

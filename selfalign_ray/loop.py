@@ -5,11 +5,11 @@
 Every step is resumable: generation skips committed chunks, training is skipped when
 `DIR/iter_k/train.json` records a finished run with the same settings (selfalign_ray/steps.py; different settings
 are refused), so re-running the same command continues a killed run.
+DIR may be a URI (s3://..., gs://...): every file goes through selfalign_ray/data/storage.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,8 +18,8 @@ from pathlib import Path
 # can replace them.
 from selfalign_ray.cluster import init_ray
 from selfalign_ray.config import positive, to_dict
+from selfalign_ray.data import storage
 from selfalign_ray.data.runlock import RunLock, note_ray_job
-from selfalign_ray.data.shards import atomic_write_json
 from selfalign_ray.models.loading import ModelLoadConfig
 from selfalign_ray.models.resolve import resolve_model_path
 from selfalign_ray.preflight import check_run as preflight
@@ -35,13 +35,13 @@ def _generator(mode_name: str):
     raise ValueError(f"mode.name={mode_name!r} is not implemented (known: sao)")
 
 
-def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_dir: Path) -> dict:
+def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_dir: str) -> dict:
     from selfalign_ray.train import train_model
 
     result = train_model(
         model_path=init_model,
         train_files=train_files,
-        output_dir=str(iter_dir / "model"),
+        output_dir=storage.join(iter_dir, "model"),
         cfg=cfg.train,
         deepspeed_cfg=to_dict(cfg.deepspeed),
         objective="simpo",
@@ -55,19 +55,19 @@ def _train(cfg, iteration: int, init_model: str, train_files: list[str], iter_di
     return result
 
 
-def _recorded(trained: dict, iter_dir: Path) -> None:
+def _recorded(trained: dict, iter_dir: Path | str) -> None:
     """Once iter_dir/train.json holds the result: its checkpoints go, the manifest records the trained model."""
     from selfalign_ray.train import remove_checkpoints
 
     remove_checkpoints(trained["model_dir"])
-    path = iter_dir / "manifest.json"
-    manifest = json.loads(path.read_text())
+    path = storage.join(iter_dir, "manifest.json")
+    manifest = storage.read_json(path)
     record = {"init_model": trained["init_model"], "model_dir": trained["model_dir"],
               "pairs": trained["summary"]["rows"], "summary": trained["summary"],
               "fingerprint": trained["fingerprint"]}
     if manifest.get("train") != record:
         manifest["train"] = record
-        atomic_write_json(path, manifest)
+        storage.write_json(path, manifest)
 
 
 def run(cfg) -> dict:
@@ -90,6 +90,11 @@ def _run(cfg) -> dict:
     with RunLock(out):
         if cfg.mode.name == "synpo":
             # SynPO has its own loop (generator and improver SFT, cumulative dataset, held-out evaluation).
+            if storage.is_uri(out):
+                from selfalign_ray.config import ConfigError
+
+                raise ConfigError(f"output_dir={cfg.output_dir!r}: mode=synpo writes its outputs to a local or "
+                                  "shared file system path only; object storage URIs are supported for mode=sao")
             from selfalign_ray.synpo.loop import run_synpo
 
             return run_synpo(cfg)
@@ -98,7 +103,7 @@ def _run(cfg) -> dict:
 
 def _run_sao(cfg) -> dict:
     started = time.time()
-    out = Path(cfg.output_dir).expanduser().resolve()
+    out = storage.absolute(cfg.output_dir)
     iterations = positive(cfg.iterations, "iterations")
     positive(cfg.dataset_size, "dataset_size")
     from selfalign_ray.train.trainer import as_train_config
@@ -114,19 +119,19 @@ def _run_sao(cfg) -> dict:
     note_ray_job()  # the output dir's lock records the Ray job id (data/runlock.py)
     # What every stage asks for against what the cluster has or can scale to: refused now, not waited on forever.
     preflight(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     generate = _generator(cfg.mode.name)
     current = base_model
     # What each model is (path + content or the fingerprint of the step that trained it; selfalign_ray/steps.py).
     base_identity = current_identity = model_identity(base_model)
-    report = {"output_dir": str(out), "mode": cfg.mode.name, "base_model": base_model, "iterations": []}
+    report = {"output_dir": out, "mode": cfg.mode.name, "base_model": base_model, "iterations": []}
     for k in range(1, iterations + 1):
-        iter_dir = out / f"iter_{k}"
+        iter_dir = storage.join(out, f"iter_{k}")
         log.info("iteration %d/%d: generating with %s", k, iterations, current)
         manifest = generate(cfg, k, current, iter_dir)
-        entry = {"iteration": k, "generator_model": current, "manifest": str(iter_dir / "manifest.json"),
+        entry = {"iteration": k, "generator_model": current, "manifest": storage.join(iter_dir, "manifest.json"),
                  "pairs_kept": manifest["pairs_kept"], "inputs": manifest["inputs"], "drops": manifest["drops"],
-                 "shards": str(iter_dir / "shards"), "generation": manifest.get("generation")}
+                 "shards": storage.join(iter_dir, "shards"), "generation": manifest.get("generation")}
         if cfg.train.enabled:
             files = [s["file"] for s in manifest["shards"] if s["rows"] > 0]
             if not files:
@@ -137,7 +142,7 @@ def _run_sao(cfg) -> dict:
             # The settings this step's model depends on: a finished step is reused under the same ones only.
             settings = train_settings(as_train_config(cfg.train), to_dict(cfg.deepspeed), init_identity,
                                       files_identity(files, out), "simpo")
-            trained = run_step(iter_dir / "train.json", f"iteration {k}: training", settings,
+            trained = run_step(storage.join(iter_dir, "train.json"), f"iteration {k}: training", settings,
                                lambda: _train(cfg, k, init_model, files, iter_dir),
                                after=lambda t: _recorded(t, iter_dir))
             current, current_identity = trained["model_dir"], model_identity(trained["model_dir"],
@@ -155,10 +160,10 @@ def _run_sao(cfg) -> dict:
         # The tracker (tracker=...): this iteration's metrics from its final manifest, and the manifest.
         from selfalign_ray.tracking import active
 
-        active().iteration(k, iter_dir, {f"{cfg.mode.name}-iter{k}": iter_dir / "model"})
+        active().iteration(k, iter_dir, {f"{cfg.mode.name}-iter{k}": storage.join(iter_dir, "model")})
         report["iterations"].append(entry)
     report["wall_s"] = round(time.time() - started, 1)
-    atomic_write_json(out / "summary.json", report)
+    storage.write_json(storage.join(out, "summary.json"), report)
     # DIR/report.md + DIR/report/*.png from the files on disk; a failure only logs a warning.
     from selfalign_ray.report import write_report_safely
 

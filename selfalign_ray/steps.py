@@ -27,7 +27,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from selfalign_ray.data.shards import ResumeMismatchError, atomic_write_json, sha256_file
+from selfalign_ray.data import storage
+from selfalign_ray.data.shards import ResumeMismatchError, sha256_file
 from selfalign_ray.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,11 @@ log = logging.getLogger(__name__)
 # train.* settings that decide where and how robustly training runs, never the trained weights or the summary:
 # the loop switch, restart/checkpoint cadence (a resumed run continues bit-for-bit, train/worker.py), CPU
 # reservations and thread counts, the CPU all-reduce implementation, and where checkpoints are staged.
+# Also the failure bounds and placement (collective timeout, stall watchdog, PACK/SPREAD): they decide whether a
+# run is stopped or where its workers sit, not what a finished run computes.
 TRAIN_IGNORED = frozenset({"enabled", "max_failures", "checkpoint_every_steps", "checkpoint_staging_dir",
-                           "cpus_per_worker", "torch_threads", "cpu_shm_comm"})
+                           "cpus_per_worker", "torch_threads", "cpu_shm_comm", "collective_timeout_s",
+                           "stall_timeout_s", "placement_strategy"})
 # deepspeed.* settings that only change logging, communication bucketing/overlap (the same sums, cut into other
 # pieces) or which small parameters stay unpartitioned, not the optimizer's arithmetic.
 DEEPSPEED_IGNORED = frozenset({"steps_per_print", "wall_clock_breakdown", "comms_logger", "flops_profiler",
@@ -51,8 +55,10 @@ DEEPSPEED_IGNORED = frozenset({"steps_per_print", "wall_clock_breakdown", "comms
                                "zero_optimization.stage3_gather_16bit_weights_on_model_save"})
 # engine.* settings that place or size the engine pool (actors, CPUs/GPUs per actor, KV-cache memory, threads):
 # answers are seeded per row (engines/base.py request_seed), not per actor.
+# Nor do the failure bounds (actor restarts, task retries, the stall watchdog).
 ENGINE_IGNORED = frozenset({"num_actors", "num_cpus_per_actor", "num_gpus_per_actor", "gpu_memory_utilization",
-                            "cpu_kvcache_space_gb", "torch_threads"})
+                            "cpu_kvcache_space_gb", "torch_threads", "max_restarts", "max_task_retries",
+                            "stall_timeout_s"})
 # eval.* settings that only place the pools (split or shared devices).
 EVAL_IGNORED = frozenset({"enabled", "pool_resources"})
 
@@ -117,6 +123,12 @@ def model_identity(path: str, produced_by: str | None = None) -> dict:
     the directory's files (a hub id or a missing path: the path alone)."""
     if produced_by:
         return {"path": str(path), "step": produced_by}
+    if storage.is_uri(path):  # a model on object storage (data/storage.py): its files' names and sizes
+        names = [n for n in storage.list_names(path) if not n.startswith(".") and n not in _RUN_FILES]
+        if not names:
+            return {"path": str(path)}
+        listing = "".join(f"{n}\t{storage.size(storage.join(path, n))}\n" for n in names)
+        return {"path": str(path), "content": "sizes:" + hashlib.sha256(listing.encode()).hexdigest()}
     root = Path(str(path))
     if not root.is_dir():
         return {"path": str(path)}
@@ -131,6 +143,11 @@ def files_identity(files: list[str], root: Path | None = None) -> list[dict]:
     """Each file (relative to `root` when under it) with its sha256."""
     out = []
     for f in files:
+        if storage.is_uri(f) or (root is not None and storage.is_uri(root)):
+            base = storage.absolute(root).rstrip("/") + "/" if root is not None else ""
+            name = str(f)[len(base):] if base and str(f).startswith(base) else str(f)
+            out.append({"file": name, "sha256": sha256_file(f)})
+            continue
         p = Path(f)
         try:
             name = str(p.resolve().relative_to(root.resolve())) if root else str(p)
@@ -175,12 +192,12 @@ def differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def check_record(record: Path, what: str, settings: dict) -> dict | None:
+def check_record(record: Path | str, what: str, settings: dict) -> dict | None:
     """The finished step's result in `record` when it ran with `settings`; None when there is no record;
     StepSettingsError when it ran with other settings (or its record predates settings being kept)."""
-    if not record.exists():
+    if not storage.exists(record):
         return None
-    done = json.loads(record.read_text())
+    done = storage.read_json(record)
     new = _plain(redact(settings))
     old = done.get("settings")
     if old is None:
@@ -195,7 +212,7 @@ def check_record(record: Path, what: str, settings: dict) -> dict | None:
     return done
 
 
-def run_step(record: Path, what: str, settings: dict, work: Callable[[], dict],
+def run_step(record: Path | str, what: str, settings: dict, work: Callable[[], dict],
              after: Callable[[dict], None] | None = None) -> dict:
     """Run `work()` unless `record` holds its result under the same `settings` (a resumed run); store the result
     with its settings and fingerprint. `after(result)` runs once the record is written (also on a reuse): what
@@ -211,7 +228,7 @@ def run_step(record: Path, what: str, settings: dict, work: Callable[[], dict],
         done.setdefault("wall_s", round(time.time() - started, 1))
         done["settings"] = _plain(redact(settings))
         done["fingerprint"] = fingerprint(done["settings"])
-        atomic_write_json(record, done)
+        storage.write_json(record, done)
     if after is not None:
         after(done)
     return done

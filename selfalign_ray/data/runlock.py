@@ -24,6 +24,7 @@ import socket
 import time
 from pathlib import Path
 
+from selfalign_ray.data import storage
 from selfalign_ray.data.shards import ResumeMismatchError
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,18 @@ class RunLock:
     """An exclusive lock on one output dir. `acquire()` / `release()`, or `with RunLock(dir):`."""
 
     def __init__(self, output_dir: str | Path, name: str = LOCK_NAME):
-        self.path = Path(output_dir) / name
+        # output_dir on object storage (data/storage.py): the lock is an object there. A store has no create-if-
+        # absent here (pyarrow exposes no conditional put), so taking it is check, write, read back: two drivers
+        # starting within the same second could both pass. It still refuses every later driver, which is the
+        # case that happens (a Ctrl-C'd `ray job submit` whose job kept running, then the same command again).
+        self.remote = storage.is_uri(output_dir)
+        self.path = storage.join(output_dir, name) if self.remote else Path(output_dir) / name
         self.held = False
         self.info: dict = {}
+
+    @property
+    def _dir(self) -> str | Path:
+        return self.path.rsplit("/", 1)[0] if self.remote else self.path.parent
 
     @staticmethod
     def describe(info: dict) -> str:
@@ -107,6 +117,11 @@ class RunLock:
         return ", ".join(parts)
 
     def _create(self) -> bool:
+        if self.remote:
+            if storage.exists(self.path):
+                return False
+            storage.write_json(self.path, self.info)
+            return self._read() == self.info
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -119,6 +134,11 @@ class RunLock:
         return True
 
     def _read(self) -> dict | None:
+        if self.remote:
+            try:
+                return storage.read_json(self.path) if storage.exists(self.path) else {}
+            except (OSError, ValueError):
+                return None
         try:
             return json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -127,7 +147,7 @@ class RunLock:
             return None
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self._dir)
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "started_unix": time.time(),
                      "ray_job": _ray_job()}
@@ -141,15 +161,18 @@ class RunLock:
                 continue
             if holder is None:
                 raise RunLockedError(
-                    f"{self.path.parent} is locked by {self.path}, which is unreadable (a driver killed while "
+                    f"{self._dir} is locked by {self.path}, which is unreadable (a driver killed while "
                     f"writing it?); if no other run uses this output dir, delete {self.path} and re-run")
             if holder.get("host") == self.info["host"] and holder.get("pid") == os.getpid():
-                raise RunLockedError(f"{self.path.parent} is already locked by this process")
+                raise RunLockedError(f"{self._dir} is already locked by this process")
             if holder.get("host") == self.info["host"] and isinstance(holder.get("pid"), int) \
                     and not _pid_alive(holder["pid"], holder.get("proc_start")):
-                log.warning("%s: taking over the lock of a driver that is gone (%s)", self.path.parent,
+                log.warning("%s: taking over the lock of a driver that is gone (%s)", self._dir,
                             self.describe(holder))
                 # Rename first: of two drivers taking over at once, only one renames this file away.
+                if self.remote:
+                    storage.delete(self.path)
+                    continue
                 stale = self.path.with_name(f"{self.path.name}.stale-{self.info['host']}-{os.getpid()}")
                 try:
                     os.rename(self.path, stale)
@@ -161,9 +184,9 @@ class RunLock:
                      f" It was taken on another host: check there that the run is gone (`ps -p {holder.get('pid')}`"
                      f" on {holder.get('host')}, or `ray job list`), then delete {self.path}.")
             raise RunLockedError(
-                f"{self.path.parent} is in use by another driver ({self.describe(holder)}); wait for it, stop it "
+                f"{self._dir} is in use by another driver ({self.describe(holder)}); wait for it, stop it "
                 f"(`ray job stop <id>` for a submitted job), or choose another output_dir.{where}")
-        raise RunLockedError(f"{self.path.parent}: could not take {self.path} (other drivers keep racing for it)")
+        raise RunLockedError(f"{self._dir}: could not take {self.path} (other drivers keep racing for it)")
 
     def update_ray_job(self) -> None:
         """Record the Ray job id once Ray is initialised (the lock is taken before, so a refused driver starts
@@ -173,6 +196,9 @@ class RunLock:
         job = _ray_job()
         if job != self.info.get("ray_job"):
             self.info["ray_job"] = job
+            if self.remote:
+                storage.write_json(self.path, self.info)
+                return
             tmp = self.path.with_name(f"{self.path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
             tmp.write_text(json.dumps(self.info, indent=2) + "\n")
             os.replace(tmp, self.path)
@@ -186,6 +212,9 @@ class RunLock:
         # Never remove a lock someone else took over meanwhile.
         if holder and (holder.get("host"), holder.get("pid")) != (self.info["host"], self.info["pid"]):
             log.warning("%s: the lock now belongs to %s; left in place", self.path, self.describe(holder))
+            return
+        if self.remote:
+            storage.delete(self.path)
             return
         try:
             self.path.unlink()

@@ -11,6 +11,11 @@ A chunk is committed once its marker exists; the marker is written last. Files o
 marker (a run killed mid-commit) are overwritten when the chunk is regenerated, so a resumed run
 never duplicates or loses rows. Readers (training) take the file list from the manifest, never
 from a directory listing.
+
+DIR may be a URI (s3://, gs://; data/storage.py): every file goes through the storage layer. Local files are
+written by atomic rename; on an object store each object appears whole when its upload completes, and the
+marker, uploaded after both files, is still what commits the chunk (no rename needed). Resume verifies the
+files' sizes and checksums against the marker either way.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from selfalign_ray.data import storage
 from selfalign_ray.data.schema import PAIR_SCHEMA, REJECT_SCHEMA, prompt_id
 
 log = logging.getLogger(__name__)
@@ -93,6 +99,8 @@ def _table_bytes(table: pa.Table) -> bytes:
 
 
 def sha256_file(path: Path) -> str:
+    if storage.is_uri(path):
+        return hashlib.sha256(storage.read_bytes(path)).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -153,19 +161,28 @@ class IterationStore:
     """Shards, rejects, chunk markers and the manifest of one iteration directory."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.shards_dir = self.root / "shards"
-        self.rejects_dir = self.root / "rejects"
-        self.chunks_dir = self.root / "chunks"
+        # A Path for a local directory, the URI string for an object store (data/storage.py).
+        self.root = storage.absolute(root) if storage.is_uri(root) else Path(root)
+        self.shards_dir = self._sub("shards")
+        self.rejects_dir = self._sub("rejects")
+        self.chunks_dir = self._sub("chunks")
         for d in (self.shards_dir, self.rejects_dir, self.chunks_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            storage.makedirs(d)
+
+    def _sub(self, *parts: str) -> str | Path:
+        return storage.join(self.root, *parts) if isinstance(self.root, str) else self.root.joinpath(*parts)
+
+    @staticmethod
+    def _read_table(path, columns: list[str]) -> pa.Table:
+        fs, inner = storage.resolve(path)
+        return pq.read_table(inner, columns=columns, filesystem=fs)
 
     # ------------------------------------------------------------- settings
     def bind_settings(self, settings: dict) -> None:
         """Record the settings that determine the rows; refuse to resume under different ones."""
-        path = self.root / "run.json"
-        if path.exists():
-            old = json.loads(path.read_text())
+        path = self._sub("run.json")
+        if storage.exists(path):
+            old = storage.read_json(path)
             if old != json.loads(json.dumps(settings, default=str)):
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
                 raise ResumeMismatchError(
@@ -173,7 +190,7 @@ class IterationStore:
                     f"resume it with the same settings or choose another output_dir."
                 )
         else:
-            atomic_write_json(path, settings)
+            storage.write_json(path, settings)
 
     # --------------------------------------------------------------- chunks
     @staticmethod
@@ -181,21 +198,21 @@ class IterationStore:
         return f"part-{chunk_id:05d}"
 
     @staticmethod
-    def _member(folder: Path, name) -> Path:
+    def _member(folder: Path | str, name) -> Path | str:
         """folder/name for a marker's `file` field, which must be a plain file name: an absolute path, `..` or a
         sub-path would make the run read (and trust) a file outside the iteration dir."""
         if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
                 or Path(name).is_absolute():
             raise ValueError(f"its file field {name!r} is not a plain file name inside {folder}")
-        return folder / name
+        return storage.join(folder, name)
 
     def _verify(self, marker: dict) -> str | None:
         for key, folder in (("shard", self.shards_dir), ("rejects", self.rejects_dir)):
             info = marker[key]
             path = self._member(folder, info["file"])
-            if not path.exists():
+            if not storage.exists(path):
                 return f"{path} is missing"
-            if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            if storage.size(path) != info["bytes"] or sha256_file(path) != info["sha256"]:
                 return f"{path} does not match its checksum (truncated or corrupted)"
         return None
 
@@ -203,15 +220,16 @@ class IterationStore:
         """Markers of committed chunks whose files verify. A chunk that fails verification is
         logged by name and left to be regenerated (its marker is removed)."""
         out = {}
-        for marker_path in sorted(self.chunks_dir.glob("part-*.json")):
+        for marker_name in storage.list_names(self.chunks_dir, "part-*.json"):
+            marker_path = storage.join(self.chunks_dir, marker_name)
             try:
-                marker = json.loads(marker_path.read_text())
+                marker = storage.read_json(marker_path)
                 problem = self._verify(marker)
             except (ValueError, KeyError, TypeError) as err:  # a damaged marker: the chunk is not committed
                 marker, problem = None, f"{marker_path} is unreadable ({type(err).__name__}: {err})"
             if problem:
-                log.warning("chunk %s will be regenerated: %s", marker_path.name, problem)
-                marker_path.unlink()
+                log.warning("chunk %s will be regenerated: %s", marker_name, problem)
+                storage.delete(marker_path)
                 continue
             out[marker["chunk_id"]] = marker
         return out
@@ -221,8 +239,8 @@ class IterationStore:
         seen: set[str] = set()
         for chunk_id in markers:
             name = self.part_name(chunk_id) + ".parquet"
-            seen.update(pq.read_table(self.shards_dir / name, columns=["prompt_id"]).column(0).to_pylist())
-            for p in pq.read_table(self.rejects_dir / name, columns=["prompt"]).column(0).to_pylist():
+            seen.update(self._read_table(storage.join(self.shards_dir, name), ["prompt_id"]).column(0).to_pylist())
+            for p in self._read_table(storage.join(self.rejects_dir, name), ["prompt"]).column(0).to_pylist():
                 if p:
                     seen.add(prompt_id(p))
         return seen
@@ -238,10 +256,11 @@ class IterationStore:
         marker: dict[str, Any] = {"chunk_id": chunk_id, "stats": stats.to_json()}
         for key, folder, table in (("rejects", self.rejects_dir, rejects), ("shard", self.shards_dir, pairs)):
             data = _table_bytes(table)
-            atomic_write_bytes(folder / f"{name}.parquet", data)
+            storage.write_bytes(storage.join(folder, f"{name}.parquet"), data)
             marker[key] = {"file": f"{name}.parquet", "rows": table.num_rows, "bytes": len(data),
                            "sha256": hashlib.sha256(data).hexdigest()}
-        atomic_write_json(self.chunks_dir / f"{name}.json", marker)
+        # Written after both files: on any store the marker's existence is the commit.
+        storage.write_json(storage.join(self.chunks_dir, f"{name}.json"), marker)
         return marker
 
     # ------------------------------------------------------------- manifest
@@ -252,12 +271,12 @@ class IterationStore:
         return total
 
     def shard_files(self, markers: dict[int, dict]) -> list[str]:
-        return [str(self.shards_dir / markers[c]["shard"]["file"]) for c in sorted(markers)
+        return [storage.join(self.shards_dir, markers[c]["shard"]["file"]) for c in sorted(markers)
                 if markers[c]["shard"]["rows"] > 0]
 
     def read_manifest(self) -> dict:
-        path = self.root / "manifest.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        path = self._sub("manifest.json")
+        return storage.read_json(path) if storage.exists(path) else {}
 
     def write_manifest(self, markers: dict[int, dict], extra: dict) -> dict:
         total = self.totals(markers)
@@ -277,10 +296,10 @@ class IterationStore:
             "judged_pairs": judged,
             "yield": (total.pairs / total.inputs) if total.inputs else None,
             "chunks": len(markers),
-            "shards": [{"file": str(self.shards_dir / markers[c]["shard"]["file"]), "rows": markers[c]["shard"]["rows"],
+            "shards": [{"file": storage.join(self.shards_dir, markers[c]["shard"]["file"]), "rows": markers[c]["shard"]["rows"],
                         "sha256": markers[c]["shard"]["sha256"]} for c in sorted(markers)],
-            "rejects": [{"file": str(self.rejects_dir / markers[c]["rejects"]["file"]), "rows": markers[c]["rejects"]["rows"],
+            "rejects": [{"file": storage.join(self.rejects_dir, markers[c]["rejects"]["file"]), "rows": markers[c]["rejects"]["rows"],
                          "sha256": markers[c]["rejects"]["sha256"]} for c in sorted(markers)],
         }
-        atomic_write_json(self.root / "manifest.json", manifest)
+        storage.write_json(self._sub("manifest.json"), manifest)
         return manifest

@@ -10,6 +10,11 @@ __all__ = ["EngineConfig", "make_engine"]
 
 
 def make_engine(model_path: str, cfg: EngineConfig) -> Engine:
+    # A model on object storage (a previous iteration's iter_k/model under an s3:// output_dir) is read from a
+    # copy on this actor's node (data/storage.py local_copy); a local path is used as is.
+    from selfalign_ray.data.storage import local_copy
+
+    model_path = local_copy(model_path)
     if cfg.kind == "hf":
         from selfalign_ray.engines.hf import HFEngine
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from selfalign_ray.data import storage
 from selfalign_ray.data.shards import atomic_write_json
 from selfalign_ray.engines.base import SamplingSpec
 from selfalign_ray.engines.config import EngineConfig, engine_config
@@ -158,16 +159,21 @@ def evaluate_vs_base(cfg, iteration: int, model: str, base: str, iter_dir: Path,
     models = {"a": model_id or model_identity(model), "b": base_id,
               "judge": base_id if judge == base else model_identity(judge)}
     step = eval_settings(to_dict(node), engine, models, cfg.seed)
+    eval_dir = storage.join(iter_dir, "eval")
 
     def work():
+        # On object storage the answers are written to a local staging dir, then uploaded (data/storage.py).
+        local_dir = storage.staging_dir(eval_dir) if storage.is_uri(eval_dir) else Path(eval_dir)
         result = evaluate(model_a=model, name_a=f"iter_{iteration}", model_b=base, name_b="base", judge=judge,
-                          settings=settings, engine=engine, out_dir=iter_dir / "eval", seed=cfg.seed,
-                          iteration=iteration)
+                          settings=settings, engine=engine, out_dir=local_dir, seed=cfg.seed, iteration=iteration)
+        if storage.is_uri(eval_dir):
+            storage.upload_dir(local_dir, eval_dir)
+            result["files"] = {k: storage.join(eval_dir, storage.name(v)) for k, v in result["files"].items()}
         log.info("iteration %d vs base: %s", iteration, describe(result))
         return result
 
-    return run_step(iter_dir / "eval_vs_base.json", f"iteration {iteration}: evaluation against the base model",
-                    step, work)
+    return run_step(storage.join(iter_dir, "eval_vs_base.json"),
+                    f"iteration {iteration}: evaluation against the base model", step, work)
 
 
 def describe(r: dict) -> str:
@@ -179,7 +185,7 @@ def describe(r: dict) -> str:
 
 def add_to_manifest(iter_dir: Path, key: str, value) -> None:
     """Record `value` under `key` in iter_dir/manifest.json (read, update, atomic write)."""
-    path = iter_dir / "manifest.json"
-    manifest = json.loads(path.read_text())
+    path = storage.join(iter_dir, "manifest.json")
+    manifest = storage.read_json(path)
     manifest[key] = value
-    atomic_write_json(path, manifest)
+    storage.write_json(path, manifest)

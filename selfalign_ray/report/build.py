@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
+from selfalign_ray.data import storage
 from selfalign_ray.report import plots
 from selfalign_ray.report.collect import NEAR_DUP_JACCARD, Run, load_run
 
@@ -72,8 +74,26 @@ def cut_section(run: Run) -> list[str]:
     return md + _table(["iteration", "truncation", "rows dropped as truncated"] + stages, rows)
 
 
+# Model weights are not read by the report: left out of the local mirror of a run on object storage.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _build_remote(out: str) -> str:
+    """A run on object storage: its files (weights left out) mirrored under the local storage cache, the report
+    built there and report.md + report/ uploaded next to the run's files."""
+    mirror = storage.staging_dir(out, "report")
+    shutil.rmtree(mirror, ignore_errors=True)
+    storage.download_dir(out, mirror, skip_suffixes=_WEIGHT_SUFFIXES)
+    path = build_report(mirror)
+    storage.upload_dir(mirror / "report", storage.join(out, "report"))
+    storage.write_bytes(storage.join(out, "report.md"), path.read_bytes())
+    return storage.join(out, "report.md")
+
+
 def build_report(out: str | Path) -> Path:
     """Write DIR/report.md and DIR/report/*.png from DIR's files; return the path of report.md."""
+    if storage.is_uri(out):
+        return _build_remote(str(out))
     run = load_run(out)
     figs = run.dir / "report"
     figs.mkdir(exist_ok=True)

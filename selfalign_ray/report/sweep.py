@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from selfalign_ray.data import storage
 
 from selfalign_ray.redaction import redact_overrides, redact_text, secret_values
 
@@ -80,7 +81,7 @@ def run_job(cfg, task) -> dict:
     secrets = secret_values(overrides)
     record = {"job": int(hc.job.num), "overrides": " ".join(redact_overrides(overrides)), "status": "running",
               "mode": cfg.mode.name, "dataset_size": cfg.dataset_size, "iterations": cfg.iterations,
-              "output_dir": str(Path(str(cfg.output_dir)).expanduser().resolve())}
+              "output_dir": storage.absolute(cfg.output_dir)}
     started = time.time()
     try:
         _claim(job_dir, record)
@@ -96,20 +97,21 @@ def run_job(cfg, task) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- rows
-def _manifests(out: Path) -> list[dict]:
+def _manifests(out: str) -> list[dict]:
+    # `out` may be a URI (s3://...; data/storage.py).
     found = []
-    for d in out.glob("iter_*"):
-        m = re.fullmatch(r"iter_(\d+)", d.name)
-        if m and (d / "manifest.json").exists():
-            found.append((int(m.group(1)), json.loads((d / "manifest.json").read_text())))
+    for d in storage.list_dirs(out, "iter_*"):
+        m = re.fullmatch(r"iter_(\d+)", d)
+        if m and storage.exists(storage.join(out, d, "manifest.json")):
+            found.append((int(m.group(1)), storage.read_json(storage.join(out, d, "manifest.json"))))
     return [m for _, m in sorted(found, key=lambda kv: kv[0])]
 
 
 def job_row(record: dict) -> dict:
     """One summary row: the job record plus what its output dir holds (partial outputs of a failed job too)."""
     row = {c: record.get(c) for c in COLUMNS}
-    out = Path(record.get("output_dir") or ".")
-    manifests = _manifests(out) if out.is_dir() else []
+    out = record.get("output_dir") or "."
+    manifests = _manifests(out)
     if manifests:
         row["pairs_kept"] = sum(m.get("pairs_kept", 0) for m in manifests)
         trained = [m["train"]["summary"] for m in manifests if (m.get("train") or {}).get("summary")]
@@ -123,8 +125,8 @@ def job_row(record: dict) -> dict:
                 row.update(eval_score=scored[-1]["win_rate"], eval_ci_low=scored[-1].get("ci_low"),
                            eval_ci_high=scored[-1].get("ci_high"), eval_kind=kind)
                 break
-    if (out / "report.md").exists():
-        row["report"] = str(out / "report.md")
+    if storage.exists(storage.join(out, "report.md")):
+        row["report"] = storage.join(out, "report.md")
     return row
 
 

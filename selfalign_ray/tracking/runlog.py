@@ -29,6 +29,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from selfalign_ray.data import storage
+
 from selfalign_ray.tracking.base import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -92,11 +94,26 @@ def eval_metrics(result: dict, name: str) -> dict[str, float]:
     return _numbers(result, name, skip=("level", "bootstrap_samples"))
 
 
-def read_history(model_dir: Path) -> list[dict]:
-    path = Path(model_dir) / HISTORY_FILE
-    if not path.exists():
+def read_history(model_dir: Path | str) -> list[dict]:
+    path = storage.join(model_dir, HISTORY_FILE)
+    if not storage.exists(path):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def _local(path: str | Path) -> Path | None:
+    """`path` as a local file or folder for a tracker's artifact upload: itself, or (output_dir on object storage,
+    data/storage.py) a copy in the local staging area; None when it does not exist."""
+    if not storage.is_uri(path):
+        return Path(path) if Path(path).exists() else None
+    if storage.list_names(path):  # a folder (report/)
+        return Path(storage.local_copy(path))
+    if storage.exists(path):
+        local = storage.staging_dir(str(path), kind="artifacts") / storage.name(path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(storage.read_bytes(path))
+        return local
+    return None
 
 
 class RunLog:
@@ -145,11 +162,10 @@ class RunLog:
         """Iteration k's generation, training summary and evaluation from its final manifest, and the manifest."""
         if not self.enabled:
             return
-        iter_dir = Path(iter_dir)
         for run, model_dir in (trainings or {}).items():
             self.training(run, model_dir)
-        path = iter_dir / "manifest.json"
-        if not path.exists():
+        path = _local(storage.join(iter_dir, "manifest.json"))
+        if path is None:
             return
         manifest = json.loads(path.read_text())
         metrics = generation_metrics(manifest)
@@ -158,7 +174,7 @@ class RunLog:
             if isinstance(manifest.get(key), dict):
                 metrics.update(eval_metrics(manifest[key], name))
         self._safe(f"iteration {k}", lambda: self.tracker.log_metrics(metrics, k, ITERATION_AXIS))
-        self._safe(f"{path}", lambda: self.tracker.log_artifact(path, iter_dir.name))
+        self._safe(f"{path}", lambda: self.tracker.log_artifact(path, storage.name(iter_dir)))
 
     def evaluation(self, k: int, result: dict | None, name: str) -> None:
         """An evaluation outside an iteration's manifest (SynPO's θ0 baseline: k = 0)."""
@@ -169,8 +185,8 @@ class RunLog:
     # ------------------------------------------------------------------------------- end of run
     def finish(self, out: str | Path) -> None:
         """The report (report.md, report/*.png) and summary.json as artifacts."""
-        out = Path(out)
         for name in ("report.md", "report", "summary.json"):
-            if (out / name).exists():
-                self._safe(str(out / name), lambda p=out / name, n=name: self.tracker.log_artifact(
+            local = _local(storage.join(out, name))
+            if local is not None:
+                self._safe(storage.join(out, name), lambda p=local, n=name: self.tracker.log_artifact(
                     p, n if p.is_dir() else None))

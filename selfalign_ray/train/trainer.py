@@ -14,6 +14,9 @@ Files, for output_dir=D:
                           a crash between the two must not cost a full retrain).
                           D, D_ray and the model path must be on storage every node sees (a shared file
                           system on a multi-node cluster), since rank 0 writes D wherever it runs.
+D may be a URI (s3://, gs://; data/storage.py): rank 0 then writes the model into a local staging dir on its node
+and uploads it to D; D_ray (Ray Train's storage_path) is on the same store, next to D; the training files may be
+URIs (read by Ray Data with the same filesystem), and so may the model path (each worker reads a local copy).
 If the driver itself dies, calling train_model again with the same inputs and settings resumes from the
 last checkpoint in D_ray; with anything different it starts over.
 """
@@ -30,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from selfalign_ray.config import ConfigError, to_dict, typed
+from selfalign_ray.data import storage as layer
 from selfalign_ray.models.loading import ModelLoadConfig
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.deepspeed_config import deepspeed_config
@@ -58,7 +62,7 @@ OPTIONAL_COLUMNS = {"simpo": ["chosen_finish_reason", "rejected_finish_reason"],
 def _columns(objective: str, files: list[str]) -> list[str]:
     import pyarrow.parquet as pq
 
-    names = [set(pq.read_schema(f).names) for f in files]
+    names = [set(pq.read_schema(layer.resolve(f)[1], filesystem=layer.resolve(f)[0]).names) for f in files]
     optional = [c for c in OPTIONAL_COLUMNS[objective] if all(c in n for n in names)]
     partial = [c for c in OPTIONAL_COLUMNS[objective] if c not in optional and any(c in n for n in names)]
     if partial:
@@ -89,9 +93,10 @@ def _count_rows(files: list[str], columns: list[str]) -> int:
 
     rows = 0
     for f in files:
-        if not Path(f).is_file():
+        if not layer.exists(f):
             raise FileNotFoundError(f"training file {f} does not exist")
-        meta = pq.read_metadata(f)
+        fs, inner = layer.resolve(f)
+        meta = pq.read_metadata(inner, filesystem=fs)
         names = meta.schema.to_arrow_schema().names
         missing = sorted(set(columns) - set(names))
         if missing:
@@ -117,33 +122,36 @@ def _check_cpu_budget(cfg: TrainConfig) -> None:
         log.warning("%s", warning)
 
 
-def _prepare_storage(storage: Path, out: Path, fingerprint: dict) -> bool:
+def _prepare_storage(storage: Path | str, out: Path, fingerprint: dict) -> bool:
     """Keep D_ray (resume) when it belongs to an interrupted run with the same fingerprint, else start clean.
-    Returns whether a run is resumed."""
-    record = storage / FINGERPRINT_FILE
-    if record.exists() and json.loads(record.read_text()) == fingerprint:
+    Returns whether a run is resumed. `storage` may be a URI (data/storage.py)."""
+    record = layer.join(storage, FINGERPRINT_FILE)
+    if layer.exists(record) and layer.read_json(record) == fingerprint:
         log.info("resuming the interrupted training run in %s", storage)
         return True
-    shutil.rmtree(storage, ignore_errors=True)
+    layer.delete_dir(storage)
     for stale in (HISTORY_FILE, SUMMARY_FILE, CRASH_MARKER):
         (out / stale).unlink(missing_ok=True)
-    storage.mkdir(parents=True)
-    record.write_text(json.dumps(fingerprint, indent=2))
+    layer.makedirs(storage)
+    layer.write_text(record, json.dumps(fingerprint, indent=2))
     return False
 
 
 def remove_checkpoints(output_dir: str | Path) -> None:
-    """Delete the Ray Train storage (checkpoints) of the run that wrote `output_dir`: they only serve restarts of
-    that run; the HF directory is the product. Idempotent."""
+    """Delete the Ray Train storage (checkpoints) of the run that wrote `output_dir` (D_ray, next to D, on the same
+    store when D is a URI): they only serve restarts of that run; the HF directory is the product. Idempotent."""
+    if layer.is_uri(output_dir):
+        layer.delete_dir(f"{layer.absolute(output_dir)}_ray")
+        return
     out = Path(output_dir).expanduser().resolve()
     shutil.rmtree(out.parent / f"{out.name}_ray", ignore_errors=True)
 
 
-def _read_history(path: Path) -> list[dict]:
+def _read_history(path: Path | str) -> list[dict]:
     # A step redone after a restart is logged twice; the later line is the one that counted.
     by_step = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
+    if layer.exists(path):
+        for line in layer.read_text(path).splitlines():
             if line.strip():
                 record = json.loads(line)
                 by_step[record["step"]] = record
@@ -187,7 +195,7 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     rows = _count_rows(train_files, columns)
     columns = _columns(objective, list(train_files) + list(eval_files or []))
     plan = StepPlan.build(rows, cfg)
-    ds_cfg = deepspeed_config(deepspeed_cfg, cfg, model_path=model_path)
+    ds_cfg = deepspeed_config(deepspeed_cfg, cfg, model_path=layer.local_copy(model_path))
     _check_cpu_budget(cfg)
     if plan.rows_left_out:
         log.warning("%d of %d rows are left out so that the %d workers get equal shares", plan.rows_left_out,
@@ -196,11 +204,13 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
         log.warning("%d rows are fewer than one global batch (%d): each epoch makes one optimizer step on the "
                     "%d rows there are", rows, cfg.global_batch_size, plan.rows_per_rank * plan.world)
 
-    out = Path(output_dir).expanduser().resolve()
+    # On object storage: the workers write into a local staging dir and rank 0 uploads it to output_uri.
+    output_uri = layer.absolute(output_dir) if layer.is_uri(output_dir) else None
+    out = layer.staging_dir(output_uri) if output_uri else Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    storage = out.parent / f"{out.name}_ray"
-    fingerprint = {"model_path": model_path, "train_files": [str(Path(f).resolve()) for f in train_files],
-                   "eval_files": [str(Path(f).resolve()) for f in eval_files or []], "objective": objective,
+    storage = f"{output_uri}_ray" if output_uri else out.parent / f"{out.name}_ray"
+    fingerprint = {"model_path": model_path, "train_files": [layer.absolute(f) for f in train_files],
+                   "eval_files": [layer.absolute(f) for f in eval_files or []], "objective": objective,
                    "cfg": asdict(cfg), "deepspeed": ds_cfg, "run_name": run_name}
     fingerprint["sha256"] = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     resumed = _prepare_storage(storage, out, fingerprint)
@@ -208,10 +218,14 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     # select_columns (not read_parquet(columns=...), deprecated in Ray 2.60) is still pushed down to the reader.
     # The training rows in one seeded permutation of all files, in blocks of one rank's rows per optimizer step,
     # so that step k trains on rows k*G ... (k+1)*G - 1 of the permutation (train/order.py).
-    datasets = {"train": global_order(ray.data.read_parquet(train_files).select_columns(columns), cfg.seed,
-                                      rows_per_block=cfg.global_batch_size // cfg.num_workers)}
+    train_fs, train_paths = layer.resolve_many(list(train_files))
+    datasets = {"train": global_order(ray.data.read_parquet(train_paths, filesystem=train_fs).select_columns(columns),
+                                      cfg.seed, rows_per_block=cfg.global_batch_size // cfg.num_workers)}
     if eval_files:
-        datasets["eval"] = ray.data.read_parquet(eval_files).select_columns(columns)
+        eval_fs, eval_paths = layer.resolve_many(list(eval_files))
+        datasets["eval"] = ray.data.read_parquet(eval_paths, filesystem=eval_fs).select_columns(columns)
+    # Ray Train takes a filesystem and the path inside it for storage on an object store.
+    ray_fs, ray_path = layer.resolve(storage) if output_uri else (None, str(storage))
     log.info("training %s (%s) on %d rows: %d optimizer steps of %d, %d workers, %d micro-batches of %d per "
              "step per worker", model_path, objective, rows, plan.total_steps, cfg.global_batch_size,
              cfg.num_workers, plan.grad_accum, cfg.per_device_batch_size)
@@ -224,7 +238,7 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
         train_worker,
         train_loop_config={
             "cfg": asdict(cfg), "plan": asdict(plan), "deepspeed": ds_cfg, "model_path": model_path,
-            "objective": objective, "output_dir": str(out), "has_eval": bool(eval_files),
+            "objective": objective, "output_dir": str(out), "output_uri": output_uri, "has_eval": bool(eval_files),
             "model_load": ModelLoadConfig.from_dict(model_load).to_json(),
             "crash_at": int(os.environ.get(CRASH_ENV, "0")),
             "step_queue": stream.queue if stream is not None else None,
@@ -241,33 +255,46 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=ray_path,
+            storage_filesystem=ray_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
     # A marker left by an earlier call is stale: this call trains again (resumed or fresh).
     (out / NONFINITE_MARKER).unlink(missing_ok=True)
+    if output_uri:
+        layer.delete(layer.join(output_uri, NONFINITE_MARKER))
     try:
         # Watchdog: no new line in the step history for train.stall_timeout_s -> StallError naming the run.
+        # (D a URI: rank 0 may run on another node; it also copies the history to D at most once a minute.)
         history = out / HISTORY_FILE
-        call_with_deadline(trainer.fit, lambda: history.stat().st_size if history.exists() else -1,
+        remote_history = layer.join(output_uri, HISTORY_FILE) if output_uri else None
+
+        def progress() -> tuple[int, int]:
+            local = history.stat().st_size if history.exists() else -1
+            remote = layer.size(remote_history) if remote_history and layer.exists(remote_history) else -1
+            return local, remote
+
+        call_with_deadline(trainer.fit, progress,
                            cfg.stall_timeout_s, f"training ({run_name})",
                            lambda: f"{len(_read_history(history))} of {plan.total_steps} optimizer steps recorded")
     except Exception as err:
         # A non-finite loss/gradient is final (worker.NONFINITE_MARKER): its message, not Ray's wrapper.
-        marker = out / NONFINITE_MARKER
-        if marker.exists():
-            raise FloatingPointError(marker.read_text().strip()) from err
+        marker = layer.join(output_uri, NONFINITE_MARKER) if output_uri else out / NONFINITE_MARKER
+        if layer.exists(marker):
+            raise FloatingPointError(layer.read_text(marker).strip()) from err
         raise
     finally:
         if stream is not None:  # the steps the live stream missed, from the history (a failed run's too)
             stream.close(_read_history(out / HISTORY_FILE))
 
-    summary = json.loads((out / SUMMARY_FILE).read_text())
+    model_dir = output_uri or str(out)
+    summary = layer.read_json(layer.join(model_dir, SUMMARY_FILE))
     summary.update(wall_s=round(time.time() - started, 1), resumed_interrupted_run=resumed)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    layer.write_text(layer.join(model_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
     (out / CRASH_MARKER).unlink(missing_ok=True)
     if not keep_checkpoints:
-        remove_checkpoints(out)
-    return TrainResult(model_dir=str(out), history=_read_history(out / HISTORY_FILE), summary=summary)
+        remove_checkpoints(model_dir)
+    return TrainResult(model_dir=model_dir, history=_read_history(layer.join(model_dir, HISTORY_FILE)),
+                       summary=summary)

@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from selfalign_ray.data.storage import join, local_copy, upload_dir, write_text
 from selfalign_ray.models.loading import ModelLoadConfig
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.core import (  # noqa: F401  (_attn_implementation, make_adamw: imported from here)
@@ -46,6 +47,8 @@ from selfalign_ray.train.schedule import StepPlan
 from selfalign_ray.train.step_stream import send_step
 
 HISTORY_FILE = "train_history.jsonl"
+# output_dir on object storage: rank 0 copies the step history there at most this often (the driver's watchdog).
+HISTORY_PUBLISH_S = 60.0
 SUMMARY_FILE = "train_summary.json"
 CHECKPOINT_TAG = "ckpt"
 # Test hook: with SELFALIGN_TEST_CRASH_AT_STEP=k in the driver's environment, the last rank exits hard
@@ -163,7 +166,8 @@ def train_worker(config: dict) -> None:
     _refuse_after_nonfinite(out)
 
     precision = configure_runtime(cfg)
-    tokenizer, engine, _hf_ds = build_engine(config["model_path"], cfg, config["deepspeed"], plan,
+    # A model on object storage (the previous iteration's, under an s3:// output_dir): a copy on this node.
+    tokenizer, engine, _hf_ds = build_engine(local_copy(config["model_path"]), cfg, config["deepspeed"], plan,
                                              load=ModelLoadConfig.from_dict(config.get("model_load")),
                                              precision=precision)
     core = TrainCore(engine, cfg, objective, precision=precision)
@@ -180,6 +184,10 @@ def train_worker(config: dict) -> None:
         progress.before = _evaluate_all(core, eval_sets)
 
     history = out / HISTORY_FILE
+    if config.get("output_uri") and restored is None and rank == 0:
+        # A staging dir on this node may hold the history of an earlier run (the driver cleans only its own node).
+        history.unlink(missing_ok=True)
+    history_published = 0.0
     recorder = TrainRecorder.for_worker(ctx, plan.total_steps, progress.step)  # rank 0: tqdm bar + Ray metrics
     # The driver's tracker, if any (train/step_stream.py): rank 0 sends each step's metrics.
     step_queue = config.get("step_queue") if rank == 0 else None
@@ -195,6 +203,8 @@ def train_worker(config: dict) -> None:
             except NonFiniteError as err:
                 if rank == 0:
                     (out / NONFINITE_MARKER).write_text(str(err))
+                    if config.get("output_uri"):  # the driver may run on another node than rank 0
+                        write_text(join(config["output_uri"], NONFINITE_MARKER), str(err))
                 raise
             # Wall time of the window, reading its micro-batches from the shard included (as before the core).
             elapsed = time.time() - window_started
@@ -210,6 +220,10 @@ def train_worker(config: dict) -> None:
             if rank == 0:
                 with open(history, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
+                if config.get("output_uri") and time.time() - history_published > HISTORY_PUBLISH_S:
+                    # The driver's training watchdog may be on another node: it sees progress on the store.
+                    write_text(join(config["output_uri"], HISTORY_FILE), history.read_text())
+                    history_published = time.time()
                 step_queue = send_step(step_queue, metrics)
             recorder.step(metrics)
             _maybe_crash_for_test(config["crash_at"], progress.step, rank, world, out)
@@ -245,4 +259,7 @@ def train_worker(config: dict) -> None:
             "precision": core.precision.to_dict(),
         }
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        if config.get("output_uri"):
+            # output_dir on object storage: `out` is this node's staging dir; the model is published by uploading it.
+            upload_dir(out, config["output_uri"])
     ray.train.report({"step": progress.step, "done": 1})
