@@ -123,7 +123,9 @@ def _run_sao(cfg) -> dict:
     generate = _generator(cfg.mode.name)
     current = base_model
     # What each model is (path + content or the fingerprint of the step that trained it; selfalign_ray/steps.py).
-    base_identity = current_identity = model_identity(base_model)
+    # A pinned hub revision is part of what the base model is (models/loading.py).
+    revision = ModelLoadConfig.from_model_node(cfg.model).revision
+    base_identity = current_identity = {**model_identity(base_model), **({"revision": revision} if revision else {})}
     report = {"output_dir": out, "mode": cfg.mode.name, "base_model": base_model, "iterations": []}
     for k in range(1, iterations + 1):
         iter_dir = storage.join(out, f"iter_{k}")
