@@ -139,7 +139,7 @@ def model_identity(path: str, produced_by: str | None = None) -> dict:
     return {"path": str(path), "content": h.hexdigest()}
 
 
-def files_identity(files: list[str], root: Path | None = None) -> list[dict]:
+def files_identity(files: list[str], root: Path | str | None = None) -> list[dict]:
     """Each file (relative to `root` when under it) with its sha256."""
     out = []
     for f in files:
@@ -150,7 +150,7 @@ def files_identity(files: list[str], root: Path | None = None) -> list[dict]:
             continue
         p = Path(f)
         try:
-            name = str(p.resolve().relative_to(root.resolve())) if root else str(p)
+            name = str(p.resolve().relative_to(Path(root).resolve())) if root else str(p)
         except ValueError:
             name = str(p)
         out.append({"file": name, "sha256": sha256_file(p)})
