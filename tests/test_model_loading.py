@@ -140,3 +140,29 @@ def test_vllm_engine_gets_the_policy(monkeypatch, tiny_model_path, pickle_model)
     assert "revision" not in seen and seen["load_format"] == "safetensors"
     with pytest.raises(PickleWeightsRefused):
         VLLMEngine(pickle_model, engine_config(node))
+
+
+def test_config_reads_follow_the_policy_too(monkeypatch, tiny_model_path):
+    """Attention choice and DeepSpeed's auto sizes read the model's config: with the same revision and remote-code
+    setting as its weights (a pinned hub model must not be sized from another revision's config)."""
+    import transformers
+
+    from selfalign_ray.models.attention import resolve_attention
+    from selfalign_ray.train.config import TrainConfig
+    from selfalign_ray.train.core import _attn_implementation
+    from selfalign_ray.train.deepspeed_config import hidden_size
+
+    real = transformers.AutoConfig.from_pretrained
+    seen = []
+
+    def recording(path, **kwargs):
+        seen.append(kwargs)
+        return real(tiny_model_path)  # the hub id stands for the tiny model (no network here)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", recording)
+    policy = ModelLoadConfig(trust_remote_code=True, revision="0123abc").tokenizer_kwargs("org/pinned-model")
+    assert policy == {"trust_remote_code": True, "revision": "0123abc"}
+    hidden_size("org/pinned-model", policy)
+    resolve_attention("org/pinned-model", "auto", use_gpu=False, config_kwargs=policy)
+    _attn_implementation("org/pinned-model", TrainConfig(padding_free=True), config_kwargs=policy)
+    assert len(seen) >= 3 and all(k == policy for k in seen), seen

@@ -111,7 +111,8 @@ class HFEngine:
         # reported with every batch (generation/pool.py) and lands in the manifest.
         self.attention = resolve_attention(model_path, (cfg.extra or {}).get("attn_implementation", "auto"),
                                            use_gpu=self.device.type == "cuda",
-                                           where="engine.extra.attn_implementation")
+                                           where="engine.extra.attn_implementation",
+                                           config_kwargs={**load.tokenizer_kwargs(model_path), **auth})
         self.model = load_causal_lm(model_path, load, **auth, dtype=getattr(torch, dtype),
                                     attn_implementation=self.attention.implementation)
         self.model.to(self.device).eval()

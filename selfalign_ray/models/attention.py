@@ -87,11 +87,12 @@ def choose_attention(requested: str, *, softcapped: bool, use_gpu: bool, padding
 
 
 def resolve_attention(model_path: str, requested: str, *, use_gpu: bool, padding_free: bool = False,
-                      where: str = "attn_implementation") -> AttentionChoice:
-    """`choose_attention` for the model at `model_path` (reads its config.json only), logged."""
+                      where: str = "attn_implementation", config_kwargs: dict | None = None) -> AttentionChoice:
+    """`choose_attention` for the model at `model_path` (reads its config.json only), logged. `config_kwargs`:
+    the model's load policy for the config read (models/loading.py `tokenizer_kwargs`: revision, remote code)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_path)
+    config = AutoConfig.from_pretrained(model_path, **(config_kwargs or {}))
     choice = choose_attention(requested, softcapped=has_softcapping(config), use_gpu=use_gpu,
                               padding_free=padding_free, where=where)
     log.info("attention for %s: %s (%s)", model_path, choice.implementation, choice.reason)

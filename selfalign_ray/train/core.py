@@ -81,8 +81,8 @@ def agreed_precision(cfg: TrainConfig) -> Precision:
     return agree(local, bool(flag.item()))
 
 
-def _attn_implementation(model_path: str, cfg: TrainConfig, model_config=None) -> str:
-    impl = _chosen_attention(model_path, cfg, model_config)
+def _attn_implementation(model_path: str, cfg: TrainConfig, model_config=None, config_kwargs: dict | None = None) -> str:
+    impl = _chosen_attention(model_path, cfg, model_config, config_kwargs)
     if impl == "sdpa" and cfg.padding_free and not cfg.use_gpu:
         # Packed rows on CPU: per-sequence causal SDPA instead of one block-diagonal T x T mask
         # (models/packed_sdpa.py; bench/RESULTS.md §3 measured the mask as the packed step's largest loss).
@@ -90,13 +90,14 @@ def _attn_implementation(model_path: str, cfg: TrainConfig, model_config=None) -
 
         from selfalign_ray.models import packed_sdpa
 
-        if packed_sdpa.usable_for(model_config if model_config is not None else AutoConfig.from_pretrained(model_path)):
+        if packed_sdpa.usable_for(model_config if model_config is not None
+                                 else AutoConfig.from_pretrained(model_path, **(config_kwargs or {}))):
             packed_sdpa.register()
             return packed_sdpa.NAME
     return impl
 
 
-def _chosen_attention(model_path: str, cfg: TrainConfig, model_config=None) -> str:
+def _chosen_attention(model_path: str, cfg: TrainConfig, model_config=None, config_kwargs: dict | None = None) -> str:
     """The attention kernel (selfalign_ray/models/attention.py: soft-capped models never run SDPA; auto on GPU
     without flash-attn warns loudly and turns packing off). `cfg` is this worker's own copy: a packing
     fallback lands in cfg.padding_free before the data iterator reads it. `model_config`: decide for that
@@ -109,7 +110,7 @@ def _chosen_attention(model_path: str, cfg: TrainConfig, model_config=None) -> s
                                   use_gpu=cfg.use_gpu, padding_free=cfg.padding_free, where=where)
     else:
         choice = resolve_attention(model_path, cfg.attn_implementation, use_gpu=cfg.use_gpu,
-                                   padding_free=cfg.padding_free, where=where)
+                                   padding_free=cfg.padding_free, where=where, config_kwargs=config_kwargs)
     cfg.padding_free = choice.padding_free
     return choice.implementation
 
@@ -146,7 +147,7 @@ def build_engine(model_path: str, cfg: TrainConfig, ds_cfg: dict, plan: StepPlan
     # on one device).
     hf_ds = HfDeepSpeedConfig(ds_cfg)
     dtype = precision.weights_dtype
-    attn = _attn_implementation(model_path, cfg, model_config)
+    attn = _attn_implementation(model_path, cfg, model_config, load.tokenizer_kwargs(model_path))
     if model_config is not None:
         # Under hf_ds, from_config builds inside zero.Init and then initialises the partitioned weights itself
         # (transformers' initialize_weights_zero3).

@@ -50,11 +50,12 @@ ZERO_AUTO_SIZES = {
 GRAD_ACCUM_DTYPES = ("fp32", "bf16")
 
 
-def hidden_size(model_path: str) -> int:
-    """The hidden size in a model's config.json (the text model's, for multimodal configs)."""
+def hidden_size(model_path: str, config_kwargs: dict | None = None) -> int:
+    """The hidden size in a model's config.json (the text model's, for multimodal configs). `config_kwargs`: the
+    model's load policy (models/loading.py `tokenizer_kwargs`: revision, remote code)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_path)
+    config = AutoConfig.from_pretrained(model_path, **(config_kwargs or {}))
     config = getattr(config, "text_config", None) or config
     size = getattr(config, "hidden_size", None)
     if not isinstance(size, int) or size <= 0:
@@ -63,16 +64,17 @@ def hidden_size(model_path: str) -> int:
     return size
 
 
-def _fill_zero_sizes(zero: dict, model_path: str | None) -> None:
+def _fill_zero_sizes(zero: dict, model_path: str | None, config_kwargs: dict | None = None) -> None:
     auto = [k for k in ZERO_AUTO_SIZES if zero.get(k) == "auto"]
     if not auto or model_path is None:
         return
-    h = hidden_size(model_path)
+    h = hidden_size(model_path, config_kwargs)
     for key in auto:
         zero[key] = ZERO_AUTO_SIZES[key](h)
 
 
-def deepspeed_config(base, cfg: TrainConfig, model_path: str | None = None) -> dict:
+def deepspeed_config(base, cfg: TrainConfig, model_path: str | None = None,
+                     config_kwargs: dict | None = None) -> dict:
     """A copy of `base` with the "auto" values filled from `cfg` (and ZeRO sizes from `model_path`'s hidden
     size), checked, plus the trainer's fixed choices."""
     ds = copy.deepcopy(to_dict(base))
@@ -97,7 +99,7 @@ def deepspeed_config(base, cfg: TrainConfig, model_path: str | None = None) -> d
         if key in ZERO_AUTO_SIZES and value != "auto" and (isinstance(value, bool) or not isinstance(value, int)
                                                             or value < 0):
             raise ConfigError(f"deepspeed.zero_optimization.{key}={value!r}: use a non-negative integer or auto")
-    _fill_zero_sizes(zero, model_path)
+    _fill_zero_sizes(zero, model_path, config_kwargs)
     accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
     if accum is not None and accum not in GRAD_ACCUM_DTYPES:
         raise ConfigError(f"deepspeed.data_types.grad_accum_dtype={accum!r}: use one of {', '.join(GRAD_ACCUM_DTYPES)}")

@@ -195,7 +195,9 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     rows = _count_rows(train_files, columns)
     columns = _columns(objective, list(train_files) + list(eval_files or []))
     plan = StepPlan.build(rows, cfg)
-    ds_cfg = deepspeed_config(deepspeed_cfg, cfg, model_path=layer.local_copy(model_path))
+    local_model = layer.local_copy(model_path)
+    ds_cfg = deepspeed_config(deepspeed_cfg, cfg, model_path=local_model,
+                              config_kwargs=ModelLoadConfig.from_dict(model_load).tokenizer_kwargs(local_model))
     _check_cpu_budget(cfg)
     if plan.rows_left_out:
         log.warning("%d of %d rows are left out so that the %d workers get equal shares", plan.rows_left_out,
