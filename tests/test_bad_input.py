@@ -520,7 +520,7 @@ def test_full_disk_while_writing_a_shard(tmp_path, persona_file, ray_local, monk
     def disk_full_on_chunk_1(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
         p = Path(file)
-        if "w" in mode and p.parent.name == "shards" and "part-00001.parquet" in p.name:
+        if ("w" in mode or "x" in mode) and p.parent.name == "shards" and "part-00001.parquet" in p.name:
             return _DiskFullAfterHalf(f)
         return f
 

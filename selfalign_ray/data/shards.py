@@ -68,10 +68,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = temp_name(path)
     created = False
     try:
-        # O_EXCL: never write into a file someone else created under this name.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        created = True
-        with os.fdopen(fd, "wb") as f:
+        # "x" (O_CREAT | O_EXCL): never write into a file someone else created under this name.
+        with open(tmp, "xb") as f:
+            created = True
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
