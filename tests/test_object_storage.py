@@ -210,3 +210,12 @@ def test_sao_loop_on_s3_resumes_after_a_killed_driver_with_the_pairs_of_a_local_
     assert [r["prompt_id"] for r in reference] == ids
     assert reference == pairs
     assert not list(tmp_path.glob("s3*"))  # Hydra's logs went to the storage cache, not to a local "s3:" dir
+
+
+def test_listing_a_file_where_a_folder_was_expected_is_empty(tmp_path):
+    """A sweep job whose output_dir is blocked by a file still gets its row (report/sweep.py lists iter_* there)."""
+    from selfalign_ray.data import storage
+
+    blocked = tmp_path / "n6-k2"
+    blocked.write_text("not a directory")
+    assert storage.list_dirs(blocked, "iter_*") == [] and storage.list_names(blocked) == []

@@ -177,8 +177,10 @@ def delete_dir(path: str | os.PathLike) -> None:
 
 
 def list_names(folder: str | os.PathLike, pattern: str = "*") -> list[str]:
-    """Sorted names of the files directly in `folder` matching `pattern` (fnmatch); [] if it does not exist."""
+    """Sorted names of the files directly in `folder` matching `pattern` (fnmatch); [] if it does not exist or is a file."""
     fs, p = resolve(folder)
+    if fs.get_file_info(p).type == pafs.FileType.File:  # a file where a folder was expected: nothing in it
+        return []
     infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern))
 
@@ -186,6 +188,8 @@ def list_names(folder: str | os.PathLike, pattern: str = "*") -> list[str]:
 def list_dirs(folder: str | os.PathLike, pattern: str = "*") -> list[str]:
     """Sorted names of the sub-directories (prefixes) of `folder` matching `pattern`."""
     fs, p = resolve(folder)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        return []
     infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
     return sorted(i.base_name for i in infos
                   if i.type == pafs.FileType.Directory and fnmatch.fnmatch(i.base_name, pattern))
