@@ -76,8 +76,10 @@ def agreed_precision(cfg: TrainConfig) -> Precision:
     local = resolve_precision(cfg.bf16, cfg.use_gpu)
     if cfg.use_gpu or not torch.distributed.is_initialized():
         return local
-    flag = torch.tensor([0.0 if local.mode == "fp32" else 1.0])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    from selfalign_ray.train.collectives import Collectives
+
+    comm = Collectives("cpu")  # the one place for collectives (tests/test_train_collectives.py)
+    flag = comm.min_(comm.tensor([0.0 if local.mode == "fp32" else 1.0]), "bf16 choice")
     return agree(local, bool(flag.item()))
 
 
