@@ -294,6 +294,7 @@ def test_damaged_shards_are_named_regenerated_and_never_trained_on(tmp_path, per
     trained_on = []
 
     def fake_train(cfg, k, init_model, files, iter_dir):
+        iter_dir = Path(iter_dir)  # the loop passes a path string (data/storage.py: a path or a URI)
         # What the trainer would read: every file must verify against its marker at this moment.
         markers = IterationStore(iter_dir).committed()
         recorded = {m["shard"]["file"]: m["shard"]["sha256"] for m in markers.values()}
