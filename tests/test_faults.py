@@ -302,7 +302,8 @@ def test_damaged_shards_are_named_regenerated_and_never_trained_on(tmp_path, per
             assert sha256_file(Path(f)) == recorded[Path(f).name]
         trained_on.extend(files)
         (iter_dir / "model").mkdir(exist_ok=True)
-        return {"model_dir": str(iter_dir / "model"), "summary": {"rows": 0, "steps": 0}, "history": []}
+        return {"model_dir": str(iter_dir / "model"), "summary": {"rows": 0, "steps": 0}, "history": [],
+                "init_model": init_model, "train_files": files}
 
     monkeypatch.setattr(loop, "_train", fake_train)
     caplog.set_level(logging.INFO)
