@@ -32,16 +32,7 @@ def persona_file(tmp_path: Path) -> Path:
     """Eight well-formed personas (a small local file, as a user would pass with personas.path=)."""
     import json
 
-    texts = [
-        "A night-shift ICU nurse studying for a pharmacology exam who wants ways to memorise drug interactions.",
-        "A retired carpenter in rural Ohio building a cedar greenhouse for his tomato seedlings.",
-        "A second-year computer science student debugging a Python web scraper that keeps timing out.",
-        "A small bakery owner in Lisbon planning a social media campaign for a new pastry.",
-        "A high-school chemistry teacher preparing a lab on reaction rates for fifteen-year-olds.",
-        "A freelance translator who wants to set up a simple invoicing spreadsheet.",
-        "A marathon runner recovering from a knee injury looking for a safe cross-training plan.",
-        "A data analyst at a logistics firm who needs to explain forecast errors to managers.",
-    ]
+    from persona_texts import PERSONAS as texts
     path = tmp_path / "personas.jsonl"
     path.write_text("".join(json.dumps({"id": f"t{i}", "persona": t}) + "\n" for i, t in enumerate(texts)))
     return path

@@ -16,21 +16,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from persona_texts import PERSONAS
+
 from selfalign_ray.cli import compose
 from selfalign_ray.data.shards import IterationStore
 
 pytestmark = [pytest.mark.slow]
 
-PERSONAS = [
-    "A night-shift ICU nurse studying for a pharmacology exam who wants ways to memorise drug interactions.",
-    "A retired carpenter in rural Ohio building a cedar greenhouse for his tomato seedlings.",
-    "A second-year computer science student debugging a Python web scraper that keeps timing out.",
-    "A small bakery owner in Lisbon planning a social media campaign for a new pastry.",
-    "A high-school chemistry teacher preparing a lab on reaction rates for fifteen-year-olds.",
-    "A freelance translator who wants to set up a simple invoicing spreadsheet.",
-    "A marathon runner recovering from a knee injury looking for a safe cross-training plan.",
-    "A data analyst at a logistics firm who needs to explain forecast errors to managers.",
-]
 # 8 personas in 4 chunks of 2; one engine batch = one chunk.
 BASE = ["model=tiny_random", "dataset_size=8", "mode.shard_size=2", "mode.respond.max_tokens=8",
         "mode.instruct.max_tokens=12", "engine.batch_size=2", "train.enabled=false"]
