@@ -1,5 +1,6 @@
 """The training order (selfalign_ray/train/order.py): one seeded permutation of every row of every file, split
-between the workers after shuffling, the same on every run. Ray Data only, no model."""
+between the workers after shuffling, the same on every run, whether Ray Data's sort or the driver made it.
+Ray Data only, no model."""
 
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ def _ordered(ray, files, seed, rows_per_block=4, read_blocks=None):
     return global_order(ray.data.read_parquet(files, **kw).select_columns(COLUMNS), seed, rows_per_block)
 
 
+def _driver(files, seed, rows_per_block=4):
+    from selfalign_ray.train.order import driver_order
+
+    return driver_order(None, files, COLUMNS, seed, rows_per_block)
+
+
 def _read(ds) -> list[str]:
     from ray.data import ExecutionOptions
 
@@ -92,12 +99,14 @@ def test_order_is_a_seeded_permutation_of_every_file_independent_of_the_read_lay
     expected = [names[i] for i in sorted(range(len(rows)), key=lambda i: order_key(rows[i], 0))]
     assert order == expected
     assert _read(_ordered(ray_local, synpo_like_files, seed=0, read_blocks=1)) == expected
+    # The driver's sort (small training sets) gives the same permutation.
+    assert _read(_driver(synpo_like_files, seed=0)) == expected
     # It mixes the iterations: the first optimizer step (8 rows) is not iteration 1's file in file order.
     first = order[:ROWS_PER_FILE]
     assert {n.split()[1] for n in first} != {"1"}
     assert order != names
     # A different seed gives a different permutation.
-    other = _read(_ordered(ray_local, synpo_like_files, seed=1))
+    other = _read(_driver(synpo_like_files, seed=1))
     assert sorted(other) == sorted(names) and other != order
 
 
@@ -114,6 +123,22 @@ def test_equal_split_deals_the_permutation_round_robin_and_repeats_on_resume(ray
     # A restarted run (a fresh plan, another read layout) hands every rank exactly the same rows in the same order.
     again = _split(_ordered(ray_local, synpo_like_files, seed=7, rows_per_block=4, read_blocks=5), world=2)
     assert again == first
+    # So do the driver's blocks (the path of a small training set).
+    assert _split(_driver(synpo_like_files, seed=7, rows_per_block=4), world=2) == first
+
+
+def test_small_sets_are_sorted_on_the_driver_large_ones_by_ray_data(ray_local, synpo_like_files):
+    import pyarrow.parquet as pq
+
+    from selfalign_ray.train.order import _selected_bytes, ordered_dataset
+
+    used = _selected_bytes(None, synpo_like_files, COLUMNS)
+    everything = sum(pq.read_metadata(f).row_group(0).total_byte_size for f in synpo_like_files)
+    assert 0 < used < everything  # the footers' sizes of the used columns only ("score" is left out)
+    small = ordered_dataset(None, synpo_like_files, COLUMNS, 0, 4, driver_max_bytes=used)
+    large = ordered_dataset(None, synpo_like_files, COLUMNS, 0, 4, driver_max_bytes=used - 1)
+    assert "Sort" not in str(small) and "Sort" in str(large)
+    assert small.num_blocks() == 6 and small.take_batch(4, batch_format="pyarrow").column_names == COLUMNS
 
 
 def test_removed_shuffle_buffer_key_is_a_clear_error():

@@ -38,7 +38,7 @@ from selfalign_ray.models.loading import ModelLoadConfig
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.deepspeed_config import deepspeed_config
 from selfalign_ray.train.objectives import OBJECTIVES
-from selfalign_ray.train.order import global_order
+from selfalign_ray.train.order import ordered_dataset
 from selfalign_ray.train.schedule import StepPlan
 from selfalign_ray.train.step_stream import StepStream
 from selfalign_ray.train.worker import (
@@ -217,12 +217,13 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     fingerprint["sha256"] = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     resumed = _prepare_storage(storage, out, fingerprint)
 
-    # select_columns (not read_parquet(columns=...), deprecated in Ray 2.60) is still pushed down to the reader.
     # The training rows in one seeded permutation of all files, in blocks of one rank's rows per optimizer step,
-    # so that step k trains on rows k*G ... (k+1)*G - 1 of the permutation (train/order.py).
+    # so that step k trains on rows k*G ... (k+1)*G - 1 of the permutation (train/order.py: a small set is
+    # sorted on the driver). The eval set: select_columns (not read_parquet(columns=...), deprecated in Ray 2.60)
+    # is still pushed down to the reader.
     train_fs, train_paths = layer.resolve_many(list(train_files))
-    datasets = {"train": global_order(ray.data.read_parquet(train_paths, filesystem=train_fs).select_columns(columns),
-                                      cfg.seed, rows_per_block=cfg.global_batch_size // cfg.num_workers)}
+    datasets = {"train": ordered_dataset(train_fs, train_paths, columns, cfg.seed,
+                                         rows_per_block=cfg.global_batch_size // cfg.num_workers)}
     if eval_files:
         eval_fs, eval_paths = layer.resolve_many(list(eval_files))
         datasets["eval"] = ray.data.read_parquet(eval_paths, filesystem=eval_fs).select_columns(columns)
