@@ -149,3 +149,40 @@ def test_chunked_matches_full_logits_under_zero3(tiny_model_path):
         assert r["zero3_params"] > 0 and r["missing"] == [[], []] and r["n_grads"][0] == r["n_grads"][1]
         assert abs(r["loss_full"] - r["loss_chunked"]) < 1e-5, r
         assert r["worst_rel_grad_diff"] < 1e-4, r
+
+
+class _MetaModel(torch.nn.Module):
+    """Stands in for a model on an accelerator: hidden states and LM head on the meta device, where any
+    data-dependent operation (a boolean mask, nonzero, bincount, .item()) raises instead of waiting for the device."""
+
+    def __init__(self, vocab=97, hidden=32):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(final_logit_softcapping=None)
+        self.hidden = hidden
+        with torch.device("meta"):
+            self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, **_):
+        from types import SimpleNamespace
+
+        b, length = input_ids.shape
+        return SimpleNamespace(hidden_states=(torch.empty(b, length, self.hidden, device="meta", requires_grad=True),))
+
+
+@pytest.mark.parametrize("padding_free", [True, False], ids=["packed", "padded"])
+def test_chunked_logps_make_no_data_dependent_device_op(padding_free):
+    """What the response positions and their sequences are is read on the CPU; the device only gathers by index
+    (no host sync per micro-batch on a GPU). The same batch on CPU gives the counts the meta run returns shapes for."""
+    batch = collate(_examples(4, 97), pad_id=0, padding_free=padding_free)
+    model = _MetaModel()
+    inputs = {"input_ids": batch["input_ids"].to("meta")}
+    sums, counts = response_logps_chunked(model, batch, chunk_tokens=4, inputs=inputs)
+    assert sums.device.type == "meta" and sums.shape == (4,) and counts.shape == (4,)
+    # A device boolean mask is what the meta device refuses (so the check above can fail).
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.empty(4, 32, device="meta")[torch.ones(4, dtype=torch.bool, device="meta")].sum().item()

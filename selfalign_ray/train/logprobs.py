@@ -64,7 +64,8 @@ def response_logps_chunked(model, batch: dict[str, torch.Tensor], chunk_tokens: 
     """(sum of response-token log-probs, number of response tokens) per sequence, in collate order.
 
     Same contract as train/data.py response_logps(model(...).logits, batch): padded (N, L) batches or packed
-    (1, T) rows with sequence_index; `batch` already on the model's device.
+    (1, T) rows with sequence_index; `batch["labels"]` and `batch["sequence_index"]` on the CPU (the trainer's
+    collated batch; device copies are accepted and copied back once).
     """
     hf = _unwrapped(model)
     if inputs is None:  # `inputs`: the model's keyword arguments as the trainer built them (objectives.model_inputs)
@@ -75,17 +76,24 @@ def response_logps_chunked(model, batch: dict[str, torch.Tensor], chunk_tokens: 
     out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1]  # after the final norm: what the LM head reads
     del out  # the other layers' states (autograd keeps what backward needs)
-    targets = batch["labels"][:, 1:]
+    # Which positions carry a loss, and their sequences, are read from the CPU labels: masking a device tensor
+    # with a device boolean (nonzero) or bincount-ing on the device would wait for the GPU once per micro-batch.
+    # The device only gets index tensors, gathered without a host sync.
+    targets = batch["labels"][:, 1:].cpu()  # the trainer passes CPU labels: no copy
     counted = targets != IGNORE
     if "sequence_index" in batch:  # packed: tokens -> their sequence
-        n_seq = int(batch["sequence_index"][-1]) + 1
-        seq = batch["sequence_index"][1:].to(hidden.device)[counted[0]]
+        index = batch["sequence_index"].cpu()
+        n_seq = int(index[-1]) + 1
+        seq = index[1:][counted[0]]
     else:  # padded: one sequence per row
         n_seq = targets.shape[0]
-        seq = torch.arange(n_seq, device=hidden.device).unsqueeze(1).expand_as(targets)[counted]
+        seq = torch.arange(n_seq).unsqueeze(1).expand_as(targets)[counted]
+    rows, cols = counted.nonzero(as_tuple=True)
+    device = hidden.device
+    rows, cols = rows.to(device, non_blocking=True), cols.to(device, non_blocking=True)
     softcap = getattr(hf.config, "final_logit_softcapping", None)
-    logps = token_logps(hf.get_output_embeddings(), hidden[:, :-1][counted], targets[counted], chunk_tokens,
-                        softcap)
-    sums = torch.zeros(n_seq, dtype=logps.dtype, device=logps.device).index_add(0, seq, logps)
-    counts = torch.bincount(seq, minlength=n_seq)
+    logps = token_logps(hf.get_output_embeddings(), hidden[rows, cols],
+                        targets[counted].to(device, non_blocking=True), chunk_tokens, softcap)
+    sums = torch.zeros(n_seq, dtype=logps.dtype, device=device).index_add(0, seq.to(device, non_blocking=True), logps)
+    counts = torch.bincount(seq, minlength=n_seq).to(device, non_blocking=True)
     return sums, counts

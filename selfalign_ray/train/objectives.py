@@ -109,12 +109,13 @@ def forward_sums(model, batch: dict[str, torch.Tensor], cfg: TrainConfig, object
     counts = counts or batch_counts(batch, objective)
     device = _device(model)
     inputs = model_inputs(batch, device, attn_implementation)
-    targets = {"labels": batch["labels"].to(device, non_blocking=True)}
-    if "sequence_index" in batch:
-        targets["sequence_index"] = batch["sequence_index"]  # stays on the CPU: read there, copied once
-    if cfg.logprob_chunk_tokens:  # LM head in chunks over the response tokens only (train/logprobs.py)
-        sums, seq_counts = response_logps_chunked(model, targets, cfg.logprob_chunk_tokens, inputs=inputs)
+    if cfg.logprob_chunk_tokens:  # LM head in chunks over the response tokens only (train/logprobs.py);
+        # it reads labels and sequence_index on the CPU and sends only index tensors to the device.
+        sums, seq_counts = response_logps_chunked(model, batch, cfg.logprob_chunk_tokens, inputs=inputs)
     else:
+        targets = {"labels": batch["labels"].to(device, non_blocking=True)}
+        if "sequence_index" in batch:
+            targets["sequence_index"] = batch["sequence_index"]  # stays on the CPU: read there, copied once
         sums, seq_counts = response_logps(model(**inputs).logits, targets)
     zero = sums.new_zeros(())
     if objective == "sft":
