@@ -71,8 +71,7 @@ def test_gpu_train_presets_compose_with_the_gpu_deepspeed_preset(preset, tmp_pat
 
     from selfalign_ray.train.deepspeed_config import deepspeed_config
 
-    cfg = compose([f"train={preset}", "deepspeed=zero3_gpu"])
-    assert "deepspeed=zero3_gpu" in (Path(CONF_DIR) / "train" / f"{preset}.yaml").read_text()
+    cfg = compose([f"train={preset}"])  # the preset selects deepspeed=zero3_gpu itself
     train = typed(TrainConfig, cfg.train, "train")
     ds = deepspeed_config(cfg.deepspeed, train, model_path=_hidden_config(tmp_path, 4096))
     zero = ds["zero_optimization"]
@@ -89,10 +88,27 @@ def test_gpu_train_presets_compose_with_the_gpu_deepspeed_preset(preset, tmp_pat
     assert DeepSpeedZeroConfig(**{**zero, "reduce_bucket_size": "auto"}).reduce_bucket_size == 5 * 10 ** 8
 
 
+@pytest.mark.parametrize("preset", GPU_TRAIN_PRESETS)
+def test_gpu_train_presets_select_the_gpu_deepspeed_preset_and_the_command_line_wins(preset):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        chosen = hydra_compose("config", overrides=[f"train={preset}"], return_hydra_config=True)
+        replaced = hydra_compose("config", overrides=[f"train={preset}", "deepspeed=zero3_gpu_offload"],
+                                 return_hydra_config=True)
+        default = hydra_compose("config", return_hydra_config=True)
+    assert chosen.hydra.runtime.choices.deepspeed == "zero3_gpu"
+    assert chosen.deepspeed.data_types.grad_accum_dtype == "fp32"
+    assert replaced.hydra.runtime.choices.deepspeed == "zero3_gpu_offload"
+    assert replaced.deepspeed.zero_optimization.offload_optimizer.device == "cpu"
+    assert default.hydra.runtime.choices.deepspeed == "zero3"  # the CPU default stays
+
+
 def test_gpu_deepspeed_preset_sizes_follow_the_model(tmp_path):
     from selfalign_ray.train.deepspeed_config import deepspeed_config
 
-    cfg = compose(["train=sao_gemma2_9b_it", "deepspeed=zero3_gpu"])
+    cfg = compose(["train=sao_gemma2_9b_it"])
     train = typed(TrainConfig, cfg.train, "train")
     gemma = deepspeed_config(cfg.deepspeed, train, model_path=_hidden_config(tmp_path, 3584))["zero_optimization"]
     assert gemma["reduce_bucket_size"] == 3584 ** 2 and gemma["stage3_param_persistence_threshold"] == 35840
