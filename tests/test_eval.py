@@ -150,18 +150,23 @@ def test_builtin_eval_prompts_are_disjoint_from_training_inputs():
 
 # ------------------------------------------------------------------------------------ end to end
 @pytest.mark.timeout(600)
-def test_tiny_random_against_itself_is_even(tmp_path, tiny_model_path, ray_local):
-    """selfalign-ray-eval's config and code path: A = B = tiny_random, 6 prompts, both orders."""
+def test_tiny_random_against_itself_is_even(tmp_path, tiny_model_path, ray_local, monkeypatch):
+    """selfalign-ray-eval's config and code path: A = B = tiny_random, 6 prompts, both orders; tracked in a local
+    MLflow file store (tracker=mlflow): parameters, the win rate with its interval, the output files."""
     from hydra import compose, initialize_config_dir
+    from mlflow import MlflowClient
 
     from selfalign_ray.cli import CONF_DIR
-    from selfalign_ray.eval.cli import run_eval
+    from selfalign_ray.eval.cli import tracked_eval
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path}/mlruns"
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=["model_a=tiny_random", "model_b=tiny_random", "prompts.num_prompts=6",
                                          "sampling.max_tokens=12", f"output_dir={tmp_path / 'ev'}",
-                                         "engine.batch_size=8"])
-    r = run_eval(cfg)
+                                         "engine.batch_size=8", "tracker=mlflow", f"tracker.tracking_uri={uri}",
+                                         "tracker.experiment=eval-test"])
+    r = tracked_eval(cfg)
     assert r["prompts"] == 6 and r["judged"] + r["unjudged"] == 6 and r["judged"] >= 5
     # Same model on both sides: with both orders the judge cannot prefer either side beyond chance.
     assert r["ci_low"] <= 0.5 <= r["ci_high"] and abs(r["win_rate"] - 0.5) <= 0.25
@@ -172,3 +177,11 @@ def test_tiny_random_against_itself_is_even(tmp_path, tiny_model_path, ray_local
         assert {x["generator"] for x in rows} == {"tiny_random"}
     assert len((tmp_path / "ev" / "judgements.jsonl").read_text().splitlines()) == 6
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["win_rate"] == r["win_rate"]
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("eval-test").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["model_b"] == "tiny_random"
+    for key in ("win_rate", "ci_low", "ci_high", "judged"):
+        assert run.data.metrics[f"eval/{key}"] == pytest.approx(r[key])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "results.json", "model_outputs.json", "reference_outputs.json", "judgements.jsonl"}

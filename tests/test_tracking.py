@@ -87,6 +87,18 @@ def test_tracker_that_cannot_start_is_a_user_error_before_anything_is_written(tm
     assert not (out / "iter_1").exists()  # nothing was generated (Hydra's .hydra/ copies only)
 
 
+def test_eval_tracker_that_cannot_start_is_a_user_error_before_anything_is_written(tmp_path):
+    out = tmp_path / "ev"
+    cmd = [sys.executable, "-m", "selfalign_ray.eval.cli", "model_a=tiny_random", f"output_dir={out}",
+           "tracker=mlflow", f"tracker.tracking_uri=file://{tmp_path}/mlruns"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_FILE_STORE"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("selfalign-ray-eval: error: tracker=mlflow could not start a run"), line
+    assert not (out / "model_outputs.json").exists()
+
+
 class _Failing(Tracker):
     kind = "failing"
 

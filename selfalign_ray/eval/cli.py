@@ -33,11 +33,29 @@ def run_eval(cfg: DictConfig) -> dict:
                     out_dir=cfg.output_dir, seed=cfg.seed)
 
 
+def tracked_eval(cfg: DictConfig) -> dict:
+    """run_eval inside the run of `tracker=` (conf/tracker/; none by default): the composed settings as
+    parameters, the win rate with its interval, and the output files as artifacts."""
+    from selfalign_ray.tracking import tracking_run
+
+    with tracking_run(cfg) as tracking:
+        result = run_eval(cfg)
+        tracking.standalone_evaluation(result, cfg.output_dir)
+    return result
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def _main(cfg: DictConfig) -> None:
+    from selfalign_ray.cli import USAGE_ERROR, _one_line, _user_errors
     from selfalign_ray.eval.run import describe
 
-    result = run_eval(cfg)
+    try:
+        result = tracked_eval(cfg)
+    except _user_errors() as err:  # as selfalign-ray does: one line, exit 2 (HYDRA_FULL_ERROR=1: the traceback)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"selfalign-ray-eval: error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
     print(f"\n== selfalign-ray-eval: {result['prompts']} prompts ({result['dataset']}), outputs in {cfg.output_dir}")
     print(json.dumps(result["files"], indent=2))
     if "win_rate" in result:

@@ -182,6 +182,15 @@ class RunLog:
             metrics = eval_metrics(result, name)
             self._safe(f"{name} of iteration {k}", lambda: self.tracker.log_metrics(metrics, k, ITERATION_AXIS))
 
+    def standalone_evaluation(self, result: dict, out_dir: str | Path) -> None:
+        """`selfalign-ray-eval`: its numbers (win rate, interval and counts when there is a model B; answer
+        lengths), logged as step 0, and its output files (results.json, the AlpacaEval files) as artifacts."""
+        self.evaluation(0, result, "eval")
+        for path in [storage.join(out_dir, "results.json"), *result.get("files", {}).values()]:
+            local = _local(path)
+            if local is not None:
+                self._safe(str(path), lambda p=local: self.tracker.log_artifact(p, None))
+
     # ------------------------------------------------------------------------------- end of run
     def finish(self, out: str | Path) -> None:
         """The report (report.md, report/*.png) and summary.json as artifacts."""
