@@ -141,6 +141,24 @@ def test_small_sets_are_sorted_on_the_driver_large_ones_by_ray_data(ray_local, s
     assert small.num_blocks() == 6 and small.take_batch(4, batch_format="pyarrow").column_names == COLUMNS
 
 
+def test_every_epoch_has_its_own_permutation_on_either_path(ray_local, synpo_like_files):
+    from selfalign_ray.train.order import _selected_bytes, epoch_datasets, order_key, train_dataset_name
+
+    rows = _all_rows(synpo_like_files)
+    names = [_name(r) for r in rows]
+    used = _selected_bytes(None, synpo_like_files, COLUMNS)
+    driver = [_read(ds) for ds in epoch_datasets(None, synpo_like_files, COLUMNS, 3, 4, epochs=3,
+                                                  driver_max_bytes=used)]
+    for epoch, order in enumerate(driver):
+        assert order == [names[i] for i in sorted(range(len(rows)), key=lambda i: order_key(rows[i], 3, epoch))]
+    assert driver[0] == _read(_driver(synpo_like_files, seed=3))  # epoch 0: the seed's permutation, as before
+    assert len({tuple(o) for o in driver}) == 3                   # a new permutation each epoch
+    # Ray Data's sort (a large set) gives epoch 1 the same permutation.
+    ray_epochs = epoch_datasets(None, synpo_like_files, COLUMNS, 3, 4, epochs=2, driver_max_bytes=used - 1)
+    assert _read(ray_epochs[1]) == driver[1]
+    assert [train_dataset_name(e) for e in range(3)] == ["train", "train_epoch_1", "train_epoch_2"]
+
+
 def test_removed_shuffle_buffer_key_is_a_clear_error():
     from selfalign_ray.train.trainer import as_train_config
 

@@ -28,9 +28,10 @@ only the cost differs. Ray Data's sort samples the input (one more read), then s
 tasks: on a 2-CPU machine about 9 s for 12 rows alone, and 20-30 s before the first optimizer step when the
 training workers hold the CPUs; the driver's sort of the same rows takes milliseconds.
 
-One permutation serves every epoch (Ray Train re-executes the same plan each epoch): reshuffling per epoch
-would need one dataset per epoch. With the default SimPO runs (1 epoch) this is moot; SFT's 3 epochs see the
-same shuffled order three times.
+Every epoch has its own permutation, as the reference's sampler reshuffles each epoch: the trainer hands Ray Train
+one dataset per epoch (`train`, `train_epoch_1`, ...; Ray Train would re-run one plan, i.e. repeat one order),
+keyed by (seed, epoch) for epochs after the first; epoch 0's key is the seed alone. On the driver path the table
+is read once and sorted once per epoch (the object store holds one copy per epoch: SimPO runs 1, SFT 3).
 """
 
 from __future__ import annotations
@@ -44,29 +45,39 @@ ORDER_KEY = "__selfalign_order_key"
 DRIVER_ORDER_MAX_BYTES = 256 * 2**20
 
 
-def order_key(row: dict, seed: int) -> int:
-    """The sort key of one row: an unsigned 64-bit keyed hash of its canonical JSON (column order ignored)."""
+def train_dataset_name(epoch: int) -> str:
+    """The name of epoch `epoch`'s training dataset in Ray Train's `datasets` (the worker reads it by name)."""
+    return "train" if epoch == 0 else f"train_epoch_{epoch}"
+
+
+def _hash_key(seed: int, epoch: int) -> bytes:
+    return (f"selfalign-order:{int(seed)}" if epoch == 0 else f"selfalign-order:{int(seed)}:epoch:{int(epoch)}").encode()
+
+
+def order_key(row: dict, seed: int, epoch: int = 0) -> int:
+    """The sort key of one row in epoch `epoch`: an unsigned 64-bit keyed hash of its canonical JSON (column order
+    ignored), keyed by the seed (and the epoch after the first)."""
     text = json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    digest = hashlib.blake2b(text.encode(), digest_size=8, key=f"selfalign-order:{int(seed)}".encode())
+    digest = hashlib.blake2b(text.encode(), digest_size=8, key=_hash_key(seed, epoch))
     return int.from_bytes(digest.digest(), "big")
 
 
-def _add_key(seed: int):
+def _add_key(seed: int, epoch: int = 0):
     def add(table):
         import pyarrow as pa
 
-        keys = [order_key(row, seed) for row in table.to_pylist()]
+        keys = [order_key(row, seed, epoch) for row in table.to_pylist()]
         return table.append_column(ORDER_KEY, pa.array(keys, type=pa.uint64()))
 
     return add
 
 
-def global_order(ds, seed: int, rows_per_block: int):
-    """`ds` in the seeded permutation of its rows, cut into blocks of exactly `rows_per_block` rows (the last
-    may be shorter). Pass the result to Ray Train with preserve_order=True (trainer.train_model does)."""
+def global_order(ds, seed: int, rows_per_block: int, epoch: int = 0):
+    """`ds` in the seeded permutation of its rows for `epoch`, cut into blocks of exactly `rows_per_block` rows
+    (the last may be shorter). Pass the result to Ray Train with preserve_order=True (trainer.train_model does)."""
     if rows_per_block <= 0:
         raise ValueError(f"rows_per_block must be positive, got {rows_per_block}")
-    keyed = ds.map_batches(_add_key(seed), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    keyed = ds.map_batches(_add_key(seed, epoch), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     return (keyed.sort(ORDER_KEY).drop_columns([ORDER_KEY])
             .repartition(target_num_rows_per_block=rows_per_block, strict=True))
 
@@ -86,32 +97,49 @@ def _selected_bytes(fs, paths: list[str], columns: list[str]) -> int:
     return total
 
 
-def driver_order(fs, paths: list[str], columns: list[str], seed: int, rows_per_block: int):
-    """The permutation made on the driver: the files' `columns` read with pyarrow, sorted by `order_key`, cut
-    into blocks of `rows_per_block` rows: the rows and blocks `global_order` makes, without Ray Data's sort."""
+def _read_table(fs, paths: list[str], columns: list[str]):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in paths],
+                            promote_options="permissive")
+
+
+def _sorted_blocks(table, seed: int, rows_per_block: int, epoch: int):
+    import pyarrow as pa
     import ray
 
     if rows_per_block <= 0:
         raise ValueError(f"rows_per_block must be positive, got {rows_per_block}")
-    table = pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in paths],
-                             promote_options="permissive")
     keys: list[int] = []
     for batch in table.to_batches(max_chunksize=1024):  # bounded Python objects at a time
-        keys += [order_key(row, seed) for row in batch.to_pylist()]
-    table = table.take(pa.array(sorted(range(len(keys)), key=keys.__getitem__), type=pa.int64()))
-    blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
-    return ray.data.from_arrow(blocks or [table])
+        keys += [order_key(row, seed, epoch) for row in batch.to_pylist()]
+    ordered = table.take(pa.array(sorted(range(len(keys)), key=keys.__getitem__), type=pa.int64()))
+    blocks = [ordered.slice(i, rows_per_block) for i in range(0, ordered.num_rows, rows_per_block)]
+    return ray.data.from_arrow(blocks or [ordered])
+
+
+def driver_order(fs, paths: list[str], columns: list[str], seed: int, rows_per_block: int, epoch: int = 0):
+    """The permutation made on the driver: the files' `columns` read with pyarrow, sorted by `order_key`, cut
+    into blocks of `rows_per_block` rows: the rows and blocks `global_order` makes, without Ray Data's sort."""
+    return _sorted_blocks(_read_table(fs, paths, columns), seed, rows_per_block, epoch)
+
+
+def epoch_datasets(fs, paths: list[str], columns: list[str], seed: int, rows_per_block: int, epochs: int,
+                   driver_max_bytes: int = DRIVER_ORDER_MAX_BYTES) -> list:
+    """The training rows of `paths` (on filesystem `fs`, None = local), one dataset per epoch, each in that
+    epoch's seeded permutation in blocks of `rows_per_block` rows: sorted on the driver when the used columns take
+    at most `driver_max_bytes` (the table read once), by Ray Data's distributed sort otherwise (module docstring)."""
+    import ray
+
+    if _selected_bytes(fs, paths, columns) <= driver_max_bytes:
+        table = _read_table(fs, paths, columns)
+        return [_sorted_blocks(table, seed, rows_per_block, e) for e in range(epochs)]
+    return [global_order(ray.data.read_parquet(paths, filesystem=fs).select_columns(columns), seed, rows_per_block, e)
+            for e in range(epochs)]
 
 
 def ordered_dataset(fs, paths: list[str], columns: list[str], seed: int, rows_per_block: int,
                     driver_max_bytes: int = DRIVER_ORDER_MAX_BYTES):
-    """The training rows of `paths` (on filesystem `fs`, None = local) in the seeded permutation, in blocks of
-    `rows_per_block` rows: sorted on the driver when the used columns take at most `driver_max_bytes`, by Ray
-    Data's distributed sort otherwise (module docstring)."""
-    import ray
-
-    if _selected_bytes(fs, paths, columns) <= driver_max_bytes:
-        return driver_order(fs, paths, columns, seed, rows_per_block)
-    return global_order(ray.data.read_parquet(paths, filesystem=fs).select_columns(columns), seed, rows_per_block)
+    """Epoch 0's dataset of `epoch_datasets`."""
+    return epoch_datasets(fs, paths, columns, seed, rows_per_block, 1, driver_max_bytes)[0]

@@ -38,7 +38,7 @@ from selfalign_ray.models.loading import ModelLoadConfig
 from selfalign_ray.train.config import TrainConfig
 from selfalign_ray.train.deepspeed_config import deepspeed_config
 from selfalign_ray.train.objectives import OBJECTIVES
-from selfalign_ray.train.order import ordered_dataset
+from selfalign_ray.train.order import epoch_datasets, train_dataset_name
 from selfalign_ray.train.schedule import StepPlan
 from selfalign_ray.train.step_stream import StepStream
 from selfalign_ray.train.worker import (
@@ -222,8 +222,9 @@ def train_model(*, model_path: str, train_files: list[str], output_dir: str, cfg
     # sorted on the driver). The eval set: select_columns (not read_parquet(columns=...), deprecated in Ray 2.60)
     # is still pushed down to the reader.
     train_fs, train_paths = layer.resolve_many(list(train_files))
-    datasets = {"train": ordered_dataset(train_fs, train_paths, columns, cfg.seed,
-                                         rows_per_block=cfg.global_batch_size // cfg.num_workers)}
+    per_epoch = epoch_datasets(train_fs, train_paths, columns, cfg.seed,
+                               rows_per_block=cfg.global_batch_size // cfg.num_workers, epochs=cfg.epochs)
+    datasets = {train_dataset_name(e): ds for e, ds in enumerate(per_epoch)}  # a permutation per epoch
     if eval_files:
         eval_fs, eval_paths = layer.resolve_many(list(eval_files))
         datasets["eval"] = ray.data.read_parquet(eval_paths, filesystem=eval_fs).select_columns(columns)

@@ -10,7 +10,7 @@ machinery is the Ray-free core that `python -m selfalign_ray.train.smoke` also r
 After a worker dies, Ray Train (FailureConfig) restarts the whole group; each new worker loads the last
 reported DeepSpeed checkpoint and skips the micro-batches that were consumed before it, without
 tokenising them. Skipping by count is exact because the driver hands Ray Data one seeded permutation of
-the rows, split deterministically (train/order.py, preserve_order).
+the rows per epoch, split deterministically (train/order.py, preserve_order).
 
 A non-finite loss or gradient is not a failure a restart cures: rank 0 writes NONFINITE_MARKER with the
 message, every rank raises core.NonFiniteError, a restarted group finds the marker and raises again before
@@ -43,6 +43,7 @@ from selfalign_ray.train.core import (  # noqa: F401  (_attn_implementation, mak
     windows,
 )
 from selfalign_ray.train.metrics import TrainRecorder
+from selfalign_ray.train.order import train_dataset_name
 from selfalign_ray.train.schedule import StepPlan
 from selfalign_ray.train.step_stream import send_step
 
@@ -81,7 +82,7 @@ class MicroBatches:
 
     def iterate(self, epoch: int = 0, skip: int = 0):
         """Yield (index in epoch, batch); the first `skip` micro-batches are passed over untouched.
-        The shard already arrives in the seeded global order (train/order.py); `epoch` only labels it."""
+        The shard already arrives in its epoch's seeded global order (train/order.py); `epoch` only labels it."""
         from selfalign_ray.train.data import collate, preference_examples, sft_example
 
         cfg = self.cfg
@@ -176,8 +177,10 @@ def train_worker(config: dict) -> None:
     restored_from_step = restored.step if restored else None  # `progress` below advances this same object
     progress = restored or Progress()
 
-    train_data = MicroBatches(ray.train.get_dataset_shard("train"), tokenizer, cfg, objective)
-    eval_sets = {"train": train_data}
+    # One shard per epoch, each in its own seeded permutation (train/order.py); evaluation reads epoch 0's.
+    train_data = [MicroBatches(ray.train.get_dataset_shard(train_dataset_name(e)), tokenizer, cfg, objective)
+                  for e in range(cfg.epochs)]
+    eval_sets = {"train": train_data[0]}
     if config["has_eval"]:
         eval_sets["eval"] = MicroBatches(ray.train.get_dataset_shard("eval"), tokenizer, cfg, objective)
     if progress.before is None and cfg.eval_before_after:
@@ -194,7 +197,7 @@ def train_worker(config: dict) -> None:
     for epoch in range(progress.epoch, cfg.epochs):
         skip = progress.micro_in_epoch if epoch == progress.epoch else 0
         seen, window_started = skip, time.time()
-        for window in windows(train_data.iterate(epoch, skip=skip), plan):
+        for window in windows(train_data[epoch].iterate(epoch, skip=skip), plan):
             seen += len(window)
             first, last = window[0][0], window[-1][0]
             try:
