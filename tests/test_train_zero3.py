@@ -92,20 +92,22 @@ def test_sft_on_fewer_rows_than_one_global_batch(tmp_path, tiny_model_path, ray_
 
 @pytest.mark.timeout(420)
 def test_killed_worker_restores_from_last_checkpoint(tmp_path, tiny_model_path, ray_local, monkeypatch):
-    # The last rank exits hard right after optimizer step 3 (first attempt only); checkpoints every step.
-    monkeypatch.setenv(CRASH_ENV, "3")
-    train, ds = train_cfg("train.checkpoint_every_steps=1", "train.epochs=1", "train.global_batch_size=2",
+    # The last rank exits hard right after optimizer step 7, in the second epoch (its own permutation, a dataset
+    # of its own: train/order.py), first attempt only; checkpoints every step.
+    monkeypatch.setenv(CRASH_ENV, "7")
+    train, ds = train_cfg("train.checkpoint_every_steps=1", "train.epochs=2", "train.global_batch_size=2",
                           "train.lr_scheduler=cosine", "train.warmup_ratio=0.25", "train.eval_before_after=false")
     result = train_model(model_path=tiny_model_path, train_files=[preference_file(tmp_path / "p.parquet", TOPICS[:10])],
                          output_dir=str(tmp_path / "model"), cfg=train, deepspeed_cfg=ds)
     s = result.summary
     # Resumed from a checkpoint taken before the crash (Ray registers checkpoints asynchronously, so the
-    # newest registered one is step 1 or 2), not from scratch, and not past the crash.
-    assert s["restored_from_step"] in (1, 2)
-    # 10 pairs, 2 ranks, global batch 2 -> 5 optimizer steps; each logged once, on the schedule.
-    assert s["steps"] == 5 and [h["step"] for h in result.history] == [1, 2, 3, 4, 5]
-    factor = lr_multiplier("cosine", warmup_steps=2, total_steps=5)
-    assert [h["lr"] for h in result.history] == pytest.approx([0.005 * factor(k) for k in range(5)])
+    # newest registered one is step 5 or 6), not from scratch, and not past the crash.
+    assert s["restored_from_step"] in (5, 6)
+    # 10 pairs, 2 ranks, global batch 2 -> 5 optimizer steps per epoch, 2 epochs; each logged once, on the schedule.
+    assert s["steps"] == 10 and [h["step"] for h in result.history] == list(range(1, 11))
+    assert [h["epoch"] for h in result.history] == [0] * 5 + [1] * 5
+    factor = lr_multiplier("cosine", warmup_steps=3, total_steps=10)
+    assert [h["lr"] for h in result.history] == pytest.approx([0.005 * factor(k) for k in range(10)])
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(result.model_dir)
