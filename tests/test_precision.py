@@ -153,3 +153,34 @@ def test_cpu_packing_picks_sdpa_packed_and_padding_keeps_sdpa(tiny_model_path):
     config = AutoConfig.from_pretrained(tiny_model_path)
     config.sliding_window = 16  # a sliding-window model keeps its mask
     assert not packed_sdpa.usable_for(config)
+
+
+def test_evaluation_runs_in_the_saved_weights_dtype_not_under_autocast(tiny_model_path):
+    """Under CPU bf16 autocast the saved model is the fp32 master weights, and before/after must describe it: a
+    bf16-autocast forward rounds the weights (and breaks bf16 ties of a 16-bit checkpoint in the gradient's
+    direction, see Precision.evaluation_autocast), so TrainCore.evaluate under bf16_autocast equals the fp32 pass."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfalign_ray.train.core import TrainCore
+    from selfalign_ray.train.data import collate, preference_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    cfg = TrainConfig(max_length=128, max_prompt_length=64)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32, attn_implementation="sdpa")
+    pairs = [preference_examples(tok, r, cfg.max_length, cfg.max_prompt_length) for r in _pairs(None)]
+    batch = collate([c for c, _ in pairs] + [r for _, r in pairs], tok.pad_token_id or 0, padding_free=True)
+    results = {mode: TrainCore(model, cfg, "simpo", "sdpa", Precision(mode, "test")).evaluate([batch])
+               for mode in ("fp32", "bf16_autocast")}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_margin = run_micro_batch_margin(model, batch, cfg)
+    assert results["bf16_autocast"]["margin"] == pytest.approx(results["fp32"]["margin"], rel=1e-6, abs=1e-7)
+    assert results["bf16_autocast"]["loss"] == pytest.approx(results["fp32"]["loss"], rel=1e-6)
+    # The check can fail: the same pass under autocast is measurably different.
+    assert abs(autocast_margin - results["fp32"]["margin"]) > 1e-5
+
+
+def run_micro_batch_margin(model, batch, cfg) -> float:
+    from selfalign_ray.train.objectives import run_micro_batch
+
+    out = run_micro_batch(model, batch, cfg, "simpo")
+    return float((out.reward_chosen - out.reward_rejected).mean())

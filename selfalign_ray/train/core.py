@@ -313,10 +313,11 @@ class TrainCore:
         return StepResult(totals, metrics, lr, grad_norm, time.time() - started)
 
     def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
-        """No-grad pass, summed over all ranks (every rank must yield the same number of batches)."""
+        """No-grad pass, summed over all ranks (every rank must yield the same number of batches), in the dtype
+        of the weights that are saved (Precision.evaluation_autocast: fp32 under CPU bf16 autocast)."""
         self.engine.eval()
         window = MetricWindow(self.coll.device)
-        with torch.no_grad(), self.precision.autocast():
+        with torch.no_grad(), self.precision.evaluation_autocast():
             for batch in batches:
                 window.add(forward_sums(self.engine, batch, self.cfg, self.objective, self.attn))
         self.engine.train()

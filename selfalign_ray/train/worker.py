@@ -260,6 +260,8 @@ def train_worker(config: dict) -> None:
             "attn_implementation": core.attn, "padding_free": cfg.padding_free,
             # fp32 | bf16 | bf16_autocast, why (train.bf16 true/false/auto), the CPU model and its bf16 flags.
             "precision": core.precision.to_dict(),
+            # before/after ran in the saved weights' dtype (Precision.evaluation_autocast), not under autocast.
+            "evaluated_in": str(core.precision.weights_dtype).removeprefix("torch."),
         }
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         if config.get("output_uri"):
