@@ -22,11 +22,17 @@ Variants (interleaved in one process, medians reported); every variant records i
                 sdpa_packed on CPU), train/objectives.run_micro_batch) + the worker's torch AdamW (fused kernel,
                 clip 1.0) in this process; _bf16 = the worker's CPU bf16 path (train/precision.py: autocast,
                 fp32 weights). The like-for-like comparison with TRL's single process.
+  ours_zero3_fp32 / ours_zero3_bf16 : the worker's step itself (train/core.TrainCore.train_step) on a DeepSpeed
+                ZeRO-3 engine (conf/deepspeed/zero3.yaml, train/core.build_engine) in this process, a gloo group of
+                one, no Ray: the same pairs in the same order as ours_direct, so ours_direct -> ours_zero3 is what
+                ZeRO-3's engine costs at world size 1 and ours_zero3 -> ours_ray what Ray Train + Ray Data add.
+                Can be profiled (--profile).
   ours_ray_fp32 / ours_ray_bf16 : the product path: selfalign_ray.train.train_model -> Ray Train TorchTrainer,
                 1 worker, DeepSpeed ZeRO-3 (conf/deepspeed/zero3.yaml), Ray Data streaming the Parquet pairs,
                 train.bf16=false / true. Step times come from train_history.jsonl (tokens / tokens_per_s per
                 optimizer step); the precision from its train_summary.json.
-All: the same fp32 checkpoint, the same pairs in the same order, per-device batch = global batch = --batch pairs
+All: the same fp32 checkpoint, the same pairs (in the same order, except ours_ray_*: Ray Train reads them in its
+seeded permutation, so compare losses by the run's mean step loss, not the first step's), per-device batch = global batch = --batch pairs
 (no accumulation), the same torch threads (--threads). Ratios: each of ours against the TRL row of the SAME
 precision (fp32 vs trl_fp32, bf16 autocast vs trl_bf16), and separately against trl_default. The report
 records the CPU model, its bf16 flags (avx512_bf16 / amx_bf16: without them bf16 is emulated and slow, which
@@ -78,7 +84,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, init_ray, interleave, loadavg, machine, median, uptime, versions, write_json  # noqa: E402
 
 TRL_VARIANTS = ("trl_fp32", "trl_bf16", "trl_default")
-VARIANTS = TRL_VARIANTS + ("ours_direct_fp32", "ours_direct_bf16", "ours_ray_fp32", "ours_ray_bf16")
+VARIANTS = TRL_VARIANTS + ("ours_direct_fp32", "ours_direct_bf16", "ours_zero3_fp32", "ours_zero3_bf16",
+                           "ours_ray_fp32", "ours_ray_bf16")
 FP32, AUTOCAST = "fp32", "bf16 autocast (fp32 weights)"
 
 
@@ -135,6 +142,9 @@ class Bench:
 
         pq.write_table(pa.Table.from_pylist(self.rows), self.parquet)
         self.first_loss = {}
+        # Mean step loss over the run (each of the n_steps x batch pairs once): comparable across variants whatever
+        # the order, where the first-step loss is not (ours_ray reads the pairs in Ray Train's seeded permutation).
+        self.run_loss = {}
 
     # ------------------------------------------------------------------------ TRL
     def trl_fp32(self) -> dict:
@@ -190,6 +200,7 @@ class Bench:
         res["precision"] = AUTOCAST if cfg.bf16 else FP32
         res["model_dtype"] = str(next(trainer.model.parameters()).dtype)
         self.first_loss.setdefault(name, losses[0])
+        self.run_loss.setdefault(name, sum(losses) / len(losses))
         del trainer
         gc.collect()
         return res
@@ -223,7 +234,7 @@ class Bench:
         precision = Precision(mode, "bench")
         model = load_model(self.model_path, attn)
         opt = make_adamw(model.parameters(), cfg.learning_rate, 0.0)  # the worker's optimizer
-        tokens, ends = [], []
+        tokens, ends, losses = [], [], []
         start = time.perf_counter()
         for s in range(self.n_steps):
             rows = self.rows[s * a.batch:(s + 1) * a.batch]
@@ -236,12 +247,73 @@ class Bench:
             opt.step()
             opt.zero_grad(set_to_none=True)
             tokens.append(out.tokens)
-            if s == 0:
-                self.first_loss.setdefault(name, float(out.loss))
+            losses.append(float(out.loss))
             ends.append(time.perf_counter())
+        self.first_loss.setdefault(name, losses[0])
+        self.run_loss.setdefault(name, sum(losses) / len(losses))
         res = step_stats(ends, tokens, a.batch, a.warmup, start)
         res.update(threads=torch.get_num_threads(), precision=FP32 if mode == "fp32" else AUTOCAST, attn=attn)
         del model, opt
+        gc.collect()
+        return res
+
+    # --------------------------------------------------------- ours, ZeRO-3 engine
+    def ours_zero3_fp32(self) -> dict:
+        return self.ours_zero3("ours_zero3_fp32", False)
+
+    def ours_zero3_bf16(self) -> dict:
+        return self.ours_zero3("ours_zero3_bf16", True)
+
+    def ours_zero3(self, name: str, bf16: bool) -> dict:
+        import os
+        import socket
+
+        import torch
+        from transformers import AutoTokenizer
+
+        from selfalign_ray.train.config import TrainConfig
+        from selfalign_ray.train.core import TrainCore, build_engine, configure_runtime
+        from selfalign_ray.train.data import collate, preference_examples
+        from selfalign_ray.train.deepspeed_config import deepspeed_config
+        from selfalign_ray.train.schedule import StepPlan
+
+        a = self.args
+        if "MASTER_ADDR" not in os.environ:  # a gloo group of one for DeepSpeed, made once per process
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                              LOCAL_RANK="0")
+        # ours_ray's settings (constant lr here, like ours_direct: the schedule costs nothing measurable).
+        cfg = TrainConfig(beta=10.0, gamma_beta_ratio=0.3, learning_rate=1e-6, max_length=512, max_prompt_length=256,
+                          per_device_batch_size=a.batch, global_batch_size=a.batch, num_workers=1,
+                          cpus_per_worker=1, torch_threads=a.threads, lr_scheduler="constant", warmup_ratio=0.0,
+                          seed=a.seed, bf16=bf16)
+        cfg.validate()
+        precision = configure_runtime(cfg)  # threads, seed, the group (DeepSpeed reuses it on later calls)
+        plan = StepPlan.build(self.n_steps * a.batch, cfg)
+        _tok, engine, _hf_ds = build_engine(self.model_path, cfg, deepspeed_config(self.ds_cfg, cfg), plan,
+                                            precision=precision)
+        core = TrainCore(engine, cfg, "simpo", precision=precision)
+        tok = AutoTokenizer.from_pretrained(self.model_path)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        tokens, ends, losses = [], [], []
+        start = time.perf_counter()
+        for s in range(self.n_steps):
+            rows = self.rows[s * a.batch:(s + 1) * a.batch]
+            pairs = [preference_examples(tok, r, cfg.max_length, cfg.max_prompt_length) for r in rows]
+            batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, padding_free=cfg.padding_free)
+            result = core.train_step([batch], step=s + 1)
+            tokens.append(int(result.totals["tokens"]))
+            losses.append(result.metrics["loss"])
+            ends.append(time.perf_counter())
+        self.first_loss.setdefault(name, losses[0])
+        self.run_loss.setdefault(name, sum(losses) / len(losses))
+        res = step_stats(ends, tokens, a.batch, a.warmup, start)
+        res.update(threads=torch.get_num_threads(), precision=AUTOCAST if precision.mode == "bf16_autocast" else FP32,
+                   attn=core.attn)
+        engine.destroy()
+        del core, engine, _hf_ds
         gc.collect()
         return res
 
@@ -266,6 +338,7 @@ class Bench:
                              cfg=cfg, deepspeed_cfg=self.ds_cfg, run_name="bench")
         hist = result.history
         self.first_loss.setdefault(name, hist[0]["loss"])
+        self.run_loss.setdefault(name, sum(h["loss"] for h in hist) / len(hist))
         prec = result.summary.get("precision", {})
         times = [h["tokens"] / h["tokens_per_s"] for h in hist][a.warmup:]
         toks = [h["tokens"] for h in hist][a.warmup:]
@@ -551,7 +624,8 @@ def main() -> None:
             raise SystemExit(f"{n}: precision changed between repetitions: {[r['precision'] for r in rs]}")
     report = {"versions": versions(), "machine": machine(args.threads), "loadavg_start": start_avg,
               "loadavg_end": end_avg, "uptime_start": start_load, "uptime_end": end_load, "args": vars(args),
-              "model": bench.model_path, "first_step_loss": bench.first_loss, "median": med, "runs": runs}
+              "model": bench.model_path, "first_step_loss": bench.first_loss,
+              "run_mean_loss": bench.run_loss, "median": med, "runs": runs}
     # Like for like: each of ours against the TRL row of the same precision; TRL's default configuration apart.
     trl_by_precision = {med[n]["precision"]: n for n in ("trl_fp32", "trl_bf16") if n in med}
     ratios = {}
@@ -574,6 +648,10 @@ def main() -> None:
     print(f"CPU {m['cpu_model']}, bf16 flags {m['bf16_flags'] or 'none'}, torch capability {m['cpu_capability']}; "
           f"loadavg {start_avg} -> {end_avg}")
     print("first-step SimPO loss: " + ", ".join(f"{k} {v:.4f}" for k, v in bench.first_loss.items()))
+    print("mean step loss over the run (every pair once, any order): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in bench.run_loss.items())
+          + ("  [ours_ray_* read the pairs in Ray Train's seeded permutation: their first step is another batch]"
+             if any(k.startswith("ours_ray") for k in bench.run_loss) else ""))
     trl_runs = [r for n in TRL_VARIANTS for r in runs.get(n, [])]
     if trl_runs:
         print(f"TRL padded batch: pad waste {median([r['pad_waste'] for r in trl_runs]):.2f} of the padded tokens")
