@@ -444,7 +444,8 @@ def long_child(args) -> dict:
                          lr_scheduler_type="cosine", warmup_steps=0, train_sampling_strategy="sequential",
                          use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**6,
                          dataloader_num_workers=0, seed=args.seed, disable_tqdm=True, bf16=bf16)
-        trainer = Counting(model=load_model(model_path), args=tcfg, train_dataset=Dataset.from_list(rows),
+        attn = "sdpa"  # TRL's padded rows, is_causal
+        trainer = Counting(model=load_model(model_path, attn), args=tcfg, train_dataset=Dataset.from_list(rows),
                            processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[Stamp()])
         precision = "bf16 autocast (fp32 weights)" if bf16 else "fp32"
         start = time.perf_counter()
@@ -455,12 +456,18 @@ def long_child(args) -> dict:
         from selfalign_ray.train.objectives import run_micro_batch
         from selfalign_ray.train.worker import make_adamw
 
+        from selfalign_ray.train.core import _attn_implementation
+
         chunk = 0 if name.startswith("ours_full") else 1024
+        packed = not name.endswith("_padded")
         tcfg = TrainConfig(beta=10.0, gamma_beta_ratio=0.3, learning_rate=1e-6, max_length=L, max_prompt_length=32,
-                           per_device_batch_size=1, global_batch_size=1, num_workers=1, logprob_chunk_tokens=chunk)
+                           per_device_batch_size=1, global_batch_size=1, num_workers=1, logprob_chunk_tokens=chunk,
+                           padding_free=packed)
         tok = AutoTokenizer.from_pretrained(model_path)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        model = load_model(model_path)
+        # The attention the worker picks for this layout (sdpa_packed for packed CPU rows, sdpa for padded ones).
+        attn = _attn_implementation(model_path, tcfg)
+        model = load_model(model_path, attn)
         if "_gc" in name:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         opt = make_adamw(model.parameters(), tcfg.learning_rate, 0.0)
@@ -468,8 +475,8 @@ def long_child(args) -> dict:
         start = time.perf_counter()
         for row in rows:
             c, r = preference_examples(tok, row, tcfg.max_length, tcfg.max_prompt_length)
-            batch = collate([c, r], pad_id, padding_free=not name.endswith("_padded"))
-            out = run_micro_batch(model, batch, tcfg, "simpo")
+            batch = collate([c, r], pad_id, padding_free=packed)
+            out = run_micro_batch(model, batch, tcfg, "simpo", attn)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -479,7 +486,7 @@ def long_child(args) -> dict:
             ends.append(time.perf_counter())
     res = step_stats(ends, tokens, 1, args.warmup, start)
     res.update(variant=name, precision=precision, threads=torch.get_num_threads(), first_loss=losses[0],
-               tokens_per_step=tokens[0], peak_rss_mib=_peak_rss_mib())
+               tokens_per_step=tokens[0], peak_rss_mib=_peak_rss_mib(), attn=attn)
     return res
 
 
@@ -502,7 +509,7 @@ def long_case(args) -> dict:
         results[name] = json.loads(line[-1][len("LONG_RESULT "):])
         r = results[name]
         print(f"  {name:16} {r['precision']:28} tokens/step {r['tokens_per_step']:6d} tok/s {r['tok_s']:7.2f} "
-              f"peak RSS {r['peak_rss_mib']:8.0f} MiB  first loss {r['first_loss']:.4f}", flush=True)
+              f"peak RSS {r['peak_rss_mib']:8.0f} MiB  first loss {r['first_loss']:.4f}  attn {r['attn']}", flush=True)
     base = results.get("trl_fp32")
     if base:
         print(f"\nvs trl_fp32 ({base['tok_s']:.2f} tok/s, {base['peak_rss_mib']:.0f} MiB):")
