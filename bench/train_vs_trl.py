@@ -78,6 +78,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,6 +88,9 @@ TRL_VARIANTS = ("trl_fp32", "trl_bf16", "trl_default")
 VARIANTS = TRL_VARIANTS + ("ours_direct_fp32", "ours_direct_bf16", "ours_zero3_fp32", "ours_zero3_bf16",
                            "ours_ray_fp32", "ours_ray_bf16")
 FP32, AUTOCAST = "fp32", "bf16 autocast (fp32 weights)"
+# Our SimPO settings in every short-pair variant (TRL's: beta 10, simpo_gamma 3 = 0.3 x beta, lr 1e-6).
+OURS_SIMPO = {"beta": 10.0, "gamma_beta_ratio": 0.3, "learning_rate": 1e-6, "max_length": 512,
+              "max_prompt_length": 256}
 
 
 def make_pairs(n: int, seed: int, words: tuple[int, int]) -> list[dict]:
@@ -146,6 +150,23 @@ class Bench:
         # the order, where the first-step loss is not (ours_ray reads the pairs in Ray Train's seeded permutation).
         self.run_loss = {}
 
+    def record_losses(self, name: str, losses: list[float]) -> None:
+        """The first step's loss and the run's mean step loss, from a variant's first repetition."""
+        self.first_loss.setdefault(name, losses[0])
+        self.run_loss.setdefault(name, sum(losses) / len(losses))
+
+    def step_batches(self, tok, cfg) -> Iterator[dict]:
+        """The pairs, --batch per optimizer step, tokenised and collated as the worker does (train/data.py); lazily,
+        so each step's tokenisation falls inside that step's time."""
+        from selfalign_ray.train.data import collate, preference_examples
+
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        n = self.args.batch
+        for s in range(self.n_steps):
+            pairs = [preference_examples(tok, r, cfg.max_length, cfg.max_prompt_length)
+                     for r in self.rows[s * n:(s + 1) * n]]
+            yield collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, padding_free=cfg.padding_free)
+
     # ------------------------------------------------------------------------ TRL
     def trl_fp32(self) -> dict:
         return self.trl("trl_fp32", False)
@@ -199,8 +220,7 @@ class Bench:
         # What the HF Trainer really ran: bf16=True on CPU = accelerate's bf16 autocast, fp32 weights.
         res["precision"] = AUTOCAST if cfg.bf16 else FP32
         res["model_dtype"] = str(next(trainer.model.parameters()).dtype)
-        self.first_loss.setdefault(name, losses[0])
-        self.run_loss.setdefault(name, sum(losses) / len(losses))
+        self.record_losses(name, losses)
         del trainer
         gc.collect()
         return res
@@ -219,16 +239,13 @@ class Bench:
         from selfalign_ray.train.config import TrainConfig
         from selfalign_ray.train.core import _attn_implementation
         from selfalign_ray.train.precision import Precision
-        from selfalign_ray.train.data import collate, preference_examples
         from selfalign_ray.train.objectives import run_micro_batch
         from selfalign_ray.train.worker import make_adamw
 
         a = self.args
         torch.set_num_threads(a.threads)
-        cfg = TrainConfig(beta=10.0, gamma_beta_ratio=0.3, learning_rate=1e-6, max_length=512, max_prompt_length=256,
-                          per_device_batch_size=a.batch, global_batch_size=a.batch, num_workers=1)
+        cfg = TrainConfig(**OURS_SIMPO, per_device_batch_size=a.batch, global_batch_size=a.batch, num_workers=1)
         tok = AutoTokenizer.from_pretrained(self.model_path)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         # What the worker picks (sdpa_packed on CPU), or --ours-attn as given (sdpa: the block-diagonal mask).
         attn = _attn_implementation(self.model_path, cfg) if a.ours_attn == "auto" else a.ours_attn
         precision = Precision(mode, "bench")
@@ -236,10 +253,7 @@ class Bench:
         opt = make_adamw(model.parameters(), cfg.learning_rate, 0.0)  # the worker's optimizer
         tokens, ends, losses = [], [], []
         start = time.perf_counter()
-        for s in range(self.n_steps):
-            rows = self.rows[s * a.batch:(s + 1) * a.batch]
-            pairs = [preference_examples(tok, r, cfg.max_length, cfg.max_prompt_length) for r in rows]
-            batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, padding_free=True)
+        for batch in self.step_batches(tok, cfg):
             with precision.autocast():  # the worker's forward context (TrainCore.train_step)
                 out = run_micro_batch(model, batch, cfg, "simpo", attn)
             out.loss.backward()
@@ -249,8 +263,7 @@ class Bench:
             tokens.append(out.tokens)
             losses.append(float(out.loss))
             ends.append(time.perf_counter())
-        self.first_loss.setdefault(name, losses[0])
-        self.run_loss.setdefault(name, sum(losses) / len(losses))
+        self.record_losses(name, losses)
         res = step_stats(ends, tokens, a.batch, a.warmup, start)
         res.update(threads=torch.get_num_threads(), precision=FP32 if mode == "fp32" else AUTOCAST, attn=attn)
         del model, opt
@@ -269,11 +282,9 @@ class Bench:
         import socket
 
         import torch
-        from transformers import AutoTokenizer
 
         from selfalign_ray.train.config import TrainConfig
         from selfalign_ray.train.core import TrainCore, build_engine, configure_runtime
-        from selfalign_ray.train.data import collate, preference_examples
         from selfalign_ray.train.deepspeed_config import deepspeed_config
         from selfalign_ray.train.schedule import StepPlan
 
@@ -285,30 +296,23 @@ class Bench:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                               LOCAL_RANK="0")
         # ours_ray's settings (constant lr here, like ours_direct: the schedule costs nothing measurable).
-        cfg = TrainConfig(beta=10.0, gamma_beta_ratio=0.3, learning_rate=1e-6, max_length=512, max_prompt_length=256,
-                          per_device_batch_size=a.batch, global_batch_size=a.batch, num_workers=1,
+        cfg = TrainConfig(**OURS_SIMPO, per_device_batch_size=a.batch, global_batch_size=a.batch, num_workers=1,
                           cpus_per_worker=1, torch_threads=a.threads, lr_scheduler="constant", warmup_ratio=0.0,
                           seed=a.seed, bf16=bf16)
         cfg.validate()
         precision = configure_runtime(cfg)  # threads, seed, the group (DeepSpeed reuses it on later calls)
         plan = StepPlan.build(self.n_steps * a.batch, cfg)
-        _tok, engine, _hf_ds = build_engine(self.model_path, cfg, deepspeed_config(self.ds_cfg, cfg), plan,
-                                            precision=precision)
+        tok, engine, _hf_ds = build_engine(self.model_path, cfg, deepspeed_config(self.ds_cfg, cfg), plan,
+                                           precision=precision)
         core = TrainCore(engine, cfg, "simpo", precision=precision)
-        tok = AutoTokenizer.from_pretrained(self.model_path)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         tokens, ends, losses = [], [], []
         start = time.perf_counter()
-        for s in range(self.n_steps):
-            rows = self.rows[s * a.batch:(s + 1) * a.batch]
-            pairs = [preference_examples(tok, r, cfg.max_length, cfg.max_prompt_length) for r in rows]
-            batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, padding_free=cfg.padding_free)
-            result = core.train_step([batch], step=s + 1)
+        for step, batch in enumerate(self.step_batches(tok, cfg), start=1):
+            result = core.train_step([batch], step=step)
             tokens.append(int(result.totals["tokens"]))
             losses.append(result.metrics["loss"])
             ends.append(time.perf_counter())
-        self.first_loss.setdefault(name, losses[0])
-        self.run_loss.setdefault(name, sum(losses) / len(losses))
+        self.record_losses(name, losses)
         res = step_stats(ends, tokens, a.batch, a.warmup, start)
         res.update(threads=torch.get_num_threads(), precision=AUTOCAST if precision.mode == "bf16_autocast" else FP32,
                    attn=core.attn)
@@ -328,8 +332,7 @@ class Bench:
         from selfalign_ray.train import train_model
 
         a = self.args
-        cfg = {"beta": 10.0, "gamma_beta_ratio": 0.3, "learning_rate": 1e-6, "max_length": 512,
-               "max_prompt_length": 256, "per_device_batch_size": a.batch, "global_batch_size": a.batch,
+        cfg = {**OURS_SIMPO, "per_device_batch_size": a.batch, "global_batch_size": a.batch,
                "num_workers": 1, "cpus_per_worker": 1, "torch_threads": a.threads,
                "eval_before_after": False, "checkpoint_every_steps": 10**6, "max_failures": 0,
                "warmup_ratio": 0.0, "seed": a.seed, "bf16": bf16}
@@ -337,8 +340,7 @@ class Bench:
         result = train_model(model_path=self.model_path, train_files=[self.parquet], output_dir=str(out / "model"),
                              cfg=cfg, deepspeed_cfg=self.ds_cfg, run_name="bench")
         hist = result.history
-        self.first_loss.setdefault(name, hist[0]["loss"])
-        self.run_loss.setdefault(name, sum(h["loss"] for h in hist) / len(hist))
+        self.record_losses(name, [h["loss"] for h in hist])
         prec = result.summary.get("precision", {})
         times = [h["tokens"] / h["tokens_per_s"] for h in hist][a.warmup:]
         toks = [h["tokens"] for h in hist][a.warmup:]
@@ -452,11 +454,10 @@ def long_child(args) -> dict:
         trainer.train()
     else:
         from selfalign_ray.train.config import TrainConfig
+        from selfalign_ray.train.core import _attn_implementation
         from selfalign_ray.train.data import collate, preference_examples
         from selfalign_ray.train.objectives import run_micro_batch
         from selfalign_ray.train.worker import make_adamw
-
-        from selfalign_ray.train.core import _attn_implementation
 
         chunk = 0 if name.startswith("ours_full") else 1024
         packed = not name.endswith("_padded")
